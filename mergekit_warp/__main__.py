@@ -1,0 +1,3 @@
+from mergekit_warp.cli import main
+
+main()

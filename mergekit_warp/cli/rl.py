@@ -1,0 +1,7 @@
+"""Placeholder: filled by the rl work."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the top-level `warp` app."""

@@ -1,0 +1,166 @@
+"""Atomic, self-describing output folders.
+
+Everything the toolkit writes (a merge, an RL policy, a pipeline stage) goes through `publishing`: the
+content is written into a hidden temporary sibling of the output path and renamed into place only when
+complete, so a crash, a kill or Ctrl-C never leaves something at the output path that looks finished.
+Each folder carries `warp_provenance.json` (method, parameters, inputs with hashes, version, command
+line) and a short model card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mergekit_warp import __version__
+from mergekit_warp.errors import WarpError
+
+PROVENANCE = "warp_provenance.json"
+# Files copied from the init (or first model) so the output loads like its source in `transformers`.
+SUPPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def check_output_path(out: Path, inputs: list[Path] = (), force: bool = False) -> Path:
+    """Refuse an output path that exists (unless `force`) or that is (inside) one of the inputs."""
+    out = Path(out).absolute()
+    for src in inputs:
+        src = Path(src).absolute()
+        if out == src or src in out.parents or (src.exists() and out.exists() and os.path.samefile(out, src)):
+            raise WarpError(f"output {out} is one of the inputs ({src}); choose another -o path")
+    if out.exists() and not force:
+        raise WarpError(f"output {out} already exists; pass --force to replace it or choose another -o path")
+    if not out.parent.exists():
+        raise WarpError(f"the folder {out.parent} for output {out.name} does not exist; create it first")
+    return out
+
+
+@contextlib.contextmanager
+def publishing(out: Path, inputs: list[Path] = (), force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success rename it to `out`, on any failure delete it.
+
+    `out` is checked first (see `check_output_path`). With `force` an existing `out` is replaced only
+    after the new content is complete.
+    """
+    out = check_output_path(out, inputs, force)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_support_files(src: Path, dst: Path) -> list[str]:
+    """Copy config, generation config and tokenizer files from HF folder `src` (when present)."""
+    copied = []
+    for name in SUPPORT_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def fingerprint(path: Path) -> str:
+    """A content hash of a checkpoint that is cheap for 70B models: sha256 over the safetensors index
+    and every shard's header (names, dtypes, shapes, offsets) plus file sizes, not the full bytes.
+    For any other file: sha256 of its bytes; for a folder without safetensors: of its file listing."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if path.is_dir() and (path / "model.safetensors.index.json").is_file():
+        h.update((path / "model.safetensors.index.json").read_bytes())
+    for f in files:
+        h.update(f.name.encode())
+        if f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(min(n, 100_000_000)))
+            h.update(str(f.stat().st_size).encode())
+        else:
+            h.update(f.read_bytes())
+    if path.is_dir() and not files:
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path)}:{f.stat().st_size}".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def write_provenance(
+    folder: Path,
+    method: str,
+    params: dict[str, Any],
+    inputs: dict[str, Path | str | list],
+    notes: list[str] = (),
+) -> dict[str, Any]:
+    """Write `warp_provenance.json` and a model card README.md into `folder`; return the record.
+
+    `inputs` maps a role ("init", "models", "policy", ...) to a path (or list of paths); each is
+    recorded with its resolved path and `fingerprint`.
+    """
+
+    def describe(p: Path | str) -> dict[str, str]:
+        p = Path(p)
+        return {"path": str(p.resolve()), "hash": fingerprint(p) if p.exists() else "missing"}
+
+    record = {
+        "tool": "mergekit-warp",
+        "version": __version__,
+        "method": method,
+        "params": params,
+        "inputs": {
+            role: [describe(p) for p in v] if isinstance(v, (list, tuple)) else describe(v)
+            for role, v in inputs.items()
+        },
+        "notes": list(notes),
+        "command": sys.argv,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (Path(folder) / PROVENANCE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [mergekit-warp, warp, " + method + "]",
+        "---",
+        f"# {method} — made with mergekit-warp {__version__}",
+        "",
+        f"Method: `{method}`. Parameters: " + ", ".join(f"`{k}={v}`" for k, v in params.items()) + ".",
+        "",
+        "Inputs:",
+        *[
+            f"- {role}: " + ", ".join(f"`{d['path']}`" for d in (v if isinstance(v, list) else [v]))
+            for role, v in record["inputs"].items()
+        ],
+        *([""] + [f"Note: {n}" for n in notes] if notes else []),
+        "",
+        f"Full provenance (hashes, command line): `{PROVENANCE}`.",
+        "",
+    ]
+    (Path(folder) / "README.md").write_text("\n".join(lines))
+    return record
