@@ -1,0 +1,229 @@
+"""The one streaming loop.
+
+Every method is a `Combine`: given a tensor name and a way to fetch the same element range of that
+tensor from each input (stored dtype, on the math device), return the output elements in fp32. The
+loop walks the reference input's tensors in file order, each in chunks of `chunk` elements, fetches,
+combines, casts once to the output dtype and hands the chunk to the shard writer (on a thread, so the
+disk write overlaps the next chunk's math). Memory is bounded by a few chunks, not by a tensor, a
+block or the model. Methods that need an angle per group of tensors (SLERP, inspect)
+first run `gram_pass`, which accumulates the Gram matrix of each group in fp64, also chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mergekit_warp.errors import WarpError
+from mergekit_warp.io.publish import copy_support_files
+from mergekit_warp.io.reader import CheckpointReader
+from mergekit_warp.io.writer import BackgroundWriter, OutTensor, ShardWriter
+from mergekit_warp.merge import math as mmath
+
+CHUNK = 1 << 22  # elements per chunk: 16 MB of fp32 per input
+Fetch = Callable[[int], Tensor]  # input index → its chunk (flat, stored dtype) on the math device
+Combine = Callable[[str, Fetch], Tensor]
+
+
+class Progress:
+    """A rich progress bar on stderr counting input bytes read and tensors done (or nothing)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    @contextmanager
+    def task(self, description: str, total_bytes: int, total_tensors: int) -> Iterator[Callable[[int, int], None]]:
+        if not self.enabled:
+            yield lambda nbytes, ntensors: None
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress as Bar, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        bar = Bar(TextColumn("{task.description:<6}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TextColumn("{task.fields[tensors]} tensors"), TimeRemainingColumn(), console=Console(stderr=True))
+        done = [0]
+        with bar:
+            tid = bar.add_task(description, total=total_bytes, tensors=f"0/{total_tensors}")
+
+            def advance(nbytes: int, ntensors: int) -> None:
+                done[0] += ntensors
+                bar.update(tid, advance=nbytes, tensors=f"{done[0]}/{total_tensors}")
+
+            yield advance
+
+
+def chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """Consecutive (start, stop) element ranges covering [0, numel); one empty range for numel 0."""
+    if numel == 0:
+        yield 0, 0
+    for start in range(0, numel, chunk):
+        yield start, min(start + chunk, numel)
+
+
+def fetch_raw(reader: CheckpointReader, name: str, start: int, stop: int, device: torch.device) -> Tensor:
+    """Elements [start, stop) of `name`, flat, in the stored dtype, on `device`. Math on it must promote
+    to fp32 (mixed-dtype torch ops do: `acc.add_(bf16_chunk)` computes in fp32), which fuses the
+    upcast with the first operation instead of materialising an fp32 copy of every input."""
+    return reader.read(name, start, stop).to(device)
+
+
+def check_finite(value: Tensor, readers: list[CheckpointReader], name: str, device: torch.device,
+                 chunk: int) -> None:
+    """NaN/Inf in any input propagates into `value` (a Gram matrix or an output chunk; IEEE: 0·Inf is
+    NaN), so one cheap test per chunk guards all inputs. When it fails, find and name the culprit."""
+    if bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all()):
+        return  # (the second test only runs if the sum overflowed)
+    for r in readers:
+        if not r.infos[name].is_float:
+            continue
+        for start, stop in chunks(r.infos[name].numel, chunk):
+            if not bool(torch.isfinite(fetch_raw(r, name, start, stop, device)).all()):
+                raise WarpError(
+                    f"tensor {name} in {r.infos[name].file} holds NaN or Inf values; "
+                    "this checkpoint is broken: use an earlier one or fix the run that wrote it"
+                )
+    raise WarpError(
+        f"merged tensor {name} overflowed to Inf in the output dtype; check the parameters (e.g. a large --eta) or --dtype"
+    )
+
+
+def gram_pass(
+    readers: list[CheckpointReader],
+    groups: dict[str, list[str]],
+    *,
+    device: torch.device,
+    chunk: int = CHUNK,
+    progress: Progress | None = None,
+    full: bool = False,
+) -> dict[str, dict[str, Tensor]]:
+    """Per group, the Gram matrix of the task vectors δ_m = θ_m − θ_0 (readers[0] is the init), shape
+    (M, M), and with `full` also of the weights θ_0..θ_M, shape (M+1, M+1); fp64 on the CPU.
+    Reads one chunk of one tensor from each input at a time."""
+    k = len(readers)
+    progress = progress or Progress(False)
+    names = [n for g in groups.values() for n in g]
+    infos = readers[0].infos
+    total = sum(r.infos[n].nbytes for r in readers for n in names)
+    out: dict[str, dict[str, Tensor]] = {}
+    with progress.task("angles", total, len(names)) as advance:
+        for group, members in groups.items():
+            g_delta = torch.zeros(k - 1, k - 1, dtype=torch.float64, device=device)
+            g_full = torch.zeros(k, k, dtype=torch.float64, device=device) if full else None
+            for name in members:
+                g_name = torch.zeros_like(g_delta)
+                for start, stop in chunks(infos[name].numel, chunk):
+                    base = fetch_raw(readers[0], name, start, stop, device).float()  # (n,)
+                    d = torch.empty(k - 1, stop - start, device=device)  # (M, n)
+                    for m in range(1, k):  # copy_ upcasts any stored dtype (fp64 included) into the fp32 row
+                        d[m - 1].copy_(fetch_raw(readers[m], name, start, stop, device)).sub_(base)
+                    g_name += mmath.gram(d)
+                    if g_full is not None:
+                        x = torch.cat([base[None], d + base])  # (k, n): θ_m again (exact up to fp32)
+                        g_full += mmath.gram(x)
+                        del x
+                    del base, d
+                    advance(sum(r.infos[name].dtype.itemsize * (stop - start) for r in readers), 0)
+                check_finite(g_name, readers, name, device, chunk)
+                g_delta += g_name
+                advance(0, 1)
+            out[group] = {"delta": g_delta.cpu()}
+            if g_full is not None:
+                out[group]["full"] = g_full.cpu()
+    return out
+
+
+def output_layout(ref: CheckpointReader, dtype: torch.dtype | None) -> list[OutTensor]:
+    """The output's tensors: the reference's names, shapes and non-float dtypes; float tensors in
+    `dtype` (default: each as the reference stores it)."""
+    return [
+        OutTensor(n, (dtype or i.dtype) if i.is_float else i.dtype, i.shape) for n, i in ref.infos.items()
+    ]
+
+
+def write_pass(
+    readers: list[CheckpointReader],
+    ref: int,
+    folder: Path,
+    combine: Combine,
+    *,
+    dtype: torch.dtype | None,
+    max_shard_size: int,
+    device: torch.device,
+    chunk: int = CHUNK,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Stream every tensor of `readers[ref]` through `combine` (float tensors) or copy it from the
+    reference (non-float tensors: int buffers are never interpolated); return the shard file names."""
+    layout = output_layout(readers[ref], dtype)
+    writer = BackgroundWriter(ShardWriter(folder, layout, max_shard_size))
+    progress = progress or Progress(False)
+    total = sum(r.total_bytes for r in readers)
+    try:
+        with progress.task("merge", total, len(layout)) as advance:
+            for t in layout:
+                _stream_tensor(readers, ref, t, combine, writer, device, chunk, advance)
+                advance(0, 1)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return writer.files
+
+
+def _stream_tensor(readers: list[CheckpointReader], ref: int, t: OutTensor, combine: Combine,
+                   writer: BackgroundWriter, device: torch.device, chunk: int,
+                   advance: Callable[[int, int], None]) -> None:
+    info = readers[ref].infos[t.name]
+    for start, stop in chunks(info.numel, chunk):
+        if not info.is_float:
+            writer.write(t.name, readers[ref].read(t.name, start, stop))
+            advance(info.dtype.itemsize * (stop - start), 0)
+            continue
+        seen: set[int] = set()
+
+        def fetch(i: int, start: int = start, stop: int = stop) -> Tensor:
+            seen.add(i)
+            return fetch_raw(readers[i], t.name, start, stop, device)
+
+        y = combine(t.name, fetch).to(t.dtype)
+        # checked after the cast, so an fp16 overflow is caught too
+        check_finite(y, [readers[i] for i in sorted(seen)], t.name, device, chunk)
+        writer.write(t.name, y.cpu())
+        advance(sum(readers[i].infos[t.name].dtype.itemsize * (stop - start) for i in seen), 0)
+
+
+def finish_folder(folder: Path, support_from: Path | None, dtype: torch.dtype | None) -> list[str]:
+    """Copy config/tokenizer files; when the output dtype was chosen, say so in config.json so
+    `from_pretrained(dtype="auto")` picks it."""
+    copied = copy_support_files(support_from, folder) if support_from else []
+    cfg = folder / "config.json"
+    if dtype is not None and cfg.is_file():
+        data = json.loads(cfg.read_text())
+        name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+        for key in ("torch_dtype", "dtype"):
+            if key in data:
+                data[key] = name
+        cfg.write_text(json.dumps(data, indent=2) + "\n")
+    return copied
+
+
+def slerp_combine(weights: Callable[[str, Fetch], Tensor]) -> Combine:
+    """θ_0 + Σ c_m (θ_m − θ_0) = (1 − Σc)·θ_0 + Σ c_m θ_m with per-tensor weights c (M,) from `weights`.
+
+    The second form costs one fused upcast-multiply-add per input; in fp32 its rounding (≈ 6e-8·|θ|)
+    is far below the output's (bf16: 4e-3·|θ|), and c = (1, 0, …) still returns θ_1 exactly."""
+
+    def combine(name: str, fetch: Fetch) -> Tensor:
+        c = weights(name, fetch).tolist()
+        out = fetch(0).float().mul_(1.0 - sum(c))
+        for m, w in enumerate(c, start=1):
+            out.add_(fetch(m), alpha=w)
+        return out
+
+    return combine
