@@ -1,0 +1,222 @@
+"""Sampling completions and scoring them: the two model-facing functions of the RL loop.
+
+Log-probability convention (recorded in the output's provenance): the training loop computes every
+log-prob — the REINFORCE term log π(y|x) and both sides of the KL log π − log π_anchor — under the
+SAMPLING temperature τ, i.e. log_softmax(logits / τ). That is the distribution the completions are
+actually drawn from, so the gradient is an unbiased policy gradient of the KL-regularised objective of
+the sampling policy (TRL's RLOO does the same). `sequence_logprobs` defaults to τ = 1 (the model's own
+distribution); pass `temperature=cfg.temperature` to match training.
+
+Layout: prompts are LEFT-padded, completions follow and are RIGHT-padded after their EOS, so in a
+(b, P+T) batch the completion of every row starts at column P. Position ids are always derived from the
+attention mask, so a padded row scores exactly like the same row alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor
+    """(b, P+T) prompt (left-padded) + completion (right-padded after EOS)."""
+    attention_mask: torch.Tensor
+    """(b, P+T) 1 on real tokens: the prompt and the completion up to and including EOS."""
+    completion_mask: torch.Tensor
+    """(b, P+T) 1 on generated tokens up to and including EOS."""
+    prompts: list[str]
+    completions: list[str]
+    """Decoded completions without special tokens."""
+    logprobs: torch.Tensor
+    """(b,) fp32 Σ log π_τ(y_t | ...) over the completion, recorded while sampling (no grad)."""
+    entropy: torch.Tensor
+    """(b,) fp32 Σ over the completion of the per-token entropy of π_τ."""
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(b,) completion lengths in tokens."""
+        return self.completion_mask.sum(-1)
+
+
+MIN_SHARED = 4  # below this many common tokens the second forward costs more than it saves
+
+
+def add_special_tokens(tokenizer) -> bool:
+    """Chat-templated prompts already carry their special tokens; plain prompts get the tokenizer's."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(b, L) position ids that skip left padding: a padded row gets the positions it has alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def eos_ids(model, tokenizer) -> torch.Tensor:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids |= set(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def _cache_kw(model) -> str:
+    # transformers ≥ 5.2x names the KV cache `cache` (older releases: `past_key_values`).
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor | None) -> int:
+    """Length S of the token prefix that every row's prompt starts with (e.g. a chat template's system
+    prompt), capped so each row keeps ≥ 1 prompt token after it. Rows are left-padded."""
+    b, L = input_ids.shape
+    lead = (attention_mask.long().cumsum(-1) == 0).sum(-1)  # (b,) left pads
+    ends = torch.full_like(lead, L) if completion_mask is None else torch.where(
+        completion_mask.any(-1), completion_mask.long().argmax(-1), L)  # (b,) first completion column
+    cap = int((ends - lead).min()) - 1
+    if b < 2 or cap < 1:
+        return 0
+    cols = (lead[:, None] + torch.arange(cap, device=lead.device)[None]).clamp(max=L - 1)  # (b, cap)
+    aligned = input_ids.gather(1, cols)  # (b, cap) each row's prompt tokens from its first real one
+    same = (aligned == aligned[:1]).all(0).long()  # (cap,)
+    return int(same.cumprod(0).sum())
+
+
+def forward_shared(model, input_ids, attention_mask, prefix_len: int, **kw):
+    """One forward of a left-padded batch that runs the common prefix ONCE (batch 1) and the rest of
+    every row on a copy of its KV cache: same result as the plain forward, ~S·(b−1) fewer token
+    computations (the gradient flows into the prefix through the cache).
+
+    Returns (output, mask): the output covers input columns offset = S + min(left pads) .. L−1 and
+    `mask` (b, S + L − offset) is the attention mask of the KV cache it leaves (for further decoding).
+    """
+    S, lead = prefix_len, (attention_mask.long().cumsum(-1) == 0).sum(-1)
+    offset = S + int(lead.min())
+    row = int(lead.argmin())
+    pos = positions(attention_mask)
+    ck = _cache_kw(model)
+    pre = model(input_ids=input_ids[row : row + 1, lead[row] : lead[row] + S],
+                position_ids=pos[row : row + 1, lead[row] : lead[row] + S], use_cache=True, logits_to_keep=1)
+    cache = getattr(pre, ck)
+    cache.batch_repeat_interleave(input_ids.shape[0])
+    cols = torch.arange(offset, input_ids.shape[1], device=input_ids.device)
+    rest_mask = attention_mask[:, offset:] * (cols[None] >= (lead + S)[:, None]).to(attention_mask.dtype)
+    full_mask = torch.cat([torch.ones_like(attention_mask[:, :S]), rest_mask], dim=1)  # (b, S + L − offset)
+    out = model(input_ids=input_ids[:, offset:], attention_mask=full_mask, position_ids=pos[:, offset:],
+                use_cache=True, **{ck: cache}, **kw)
+    return out, full_mask
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    generator_seed: int | None = None,
+    share_prefix: bool = True,
+) -> Rollout:
+    """Sample one completion per prompt at `temperature` (ancestral sampling, KV cache).
+
+    A hand-written loop rather than `model.generate`: it draws from a seeded `torch.Generator` (no global
+    RNG, so runs and resumes are reproducible and data-parallel ranks independent) and records log π_τ
+    and the entropy of each sampled token on the fly, saving a forward pass per step. With
+    `share_prefix`, a prompt prefix common to all rows is prefilled once (see `forward_shared`).
+    """
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev)
+    g.manual_seed(generator_seed if generator_seed is not None else int(torch.randint(2**62, (1,))))
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",  # whatever the tokenizer's default
+                    add_special_tokens=add_special_tokens(tokenizer))
+    ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)  # (b, P)
+    b = ids.shape[0]
+    eos = eos_ids(model, tokenizer).to(dev)
+    pad = tokenizer.pad_token_id
+
+    cache_kw = _cache_kw(model)
+    pos = positions(mask)
+    S = shared_prefix(ids, mask, None) if share_prefix else 0
+    if S >= MIN_SHARED:  # prefill the common prefix once (the chat template's system prompt, say)
+        out, attn = forward_shared(model, ids, mask, S, logits_to_keep=1)
+    else:
+        out, attn = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1), mask
+    cache, last_pos = getattr(out, cache_kw), pos[:, -1:]
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    tokens, live = [], []
+    logprob = torch.zeros(b, device=dev)
+    entropy = torch.zeros(b, device=dev)
+    for _ in range(max_new_tokens):
+        logp = F.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (b, V)
+        probs = logp.exp()
+        tok = torch.multinomial(probs, 1, generator=g).squeeze(-1)  # (b,)
+        active = ~done
+        logprob += torch.where(active, logp.gather(-1, tok[:, None]).squeeze(-1), 0.0)
+        entropy += torch.where(active, -(probs * logp).sum(-1), 0.0)
+        tok = torch.where(active, tok, pad)
+        tokens.append(tok)
+        live.append(active)
+        done = done | torch.isin(tok, eos)
+        if bool(done.all()):
+            break
+        # Finished rows keep being fed (pad, masked later): a fixed batch keeps the cache simple.
+        attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=dev)], dim=1)
+        last_pos = last_pos + 1
+        out = model(
+            input_ids=tok[:, None], attention_mask=attn, position_ids=last_pos, use_cache=True, **{cache_kw: cache}
+        )
+        cache = getattr(out, cache_kw)
+
+    gen = torch.stack(tokens, dim=1)  # (b, T)
+    gen_mask = torch.stack(live, dim=1).to(mask.dtype)  # (b, T)
+    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(gen.cpu(), gen_mask.cpu())]
+    return Rollout(
+        input_ids=torch.cat([ids, gen], dim=1),
+        attention_mask=torch.cat([mask, gen_mask], dim=1),
+        completion_mask=torch.cat([torch.zeros_like(mask), gen_mask], dim=1),
+        prompts=list(prompts),
+        completions=texts,
+        logprobs=logprob,
+        entropy=entropy,
+    )
+
+
+def sequence_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    share_prefix: bool = False,
+) -> torch.Tensor:
+    """(b,) Σ over completion tokens of log softmax(logits / temperature) at the observed token.
+
+    Differentiable when grad is enabled (the REINFORCE term); padding contributes nothing. Only the
+    columns from the first completion token on go through the LM head (it dominates for big vocabularies).
+    `share_prefix` runs a prompt prefix common to all rows once (`forward_shared`; ignored while activation
+    checkpointing is active, as it disables the KV cache) — same values up to float rounding.
+    """
+    cols = completion_mask.any(0).nonzero()
+    if len(cols) == 0:
+        return torch.zeros(input_ids.shape[0], device=input_ids.device)
+    start = max(int(cols[0]), 1)  # the first token of a sequence has no prediction
+    keep = input_ids.shape[1] - start + 1  # logits at columns start-1 .. L-1
+    # Activation checkpointing drops the KV cache inside each layer while grad is on: share nothing then.
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    checkpointing = model.training and torch.is_grad_enabled() and bool(getattr(model, flag, False))
+    S = shared_prefix(input_ids, attention_mask, completion_mask) if share_prefix and not checkpointing else 0
+    if S >= MIN_SHARED:
+        out, _ = forward_shared(model, input_ids, attention_mask, S, logits_to_keep=keep)
+    else:
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+            use_cache=False, logits_to_keep=keep,
+        )
+    logits = out.logits[:, -keep:-1].float() / temperature  # (b, L-start, V) predicting columns start .. L-1
+    target = input_ids[:, start:]  # (b, L-start)
+    lp = F.log_softmax(logits, dim=-1).gather(-1, target[..., None]).squeeze(-1)  # (b, L-start)
+    return (lp * completion_mask[:, start:].to(lp.dtype)).sum(-1)
