@@ -1,7 +1,53 @@
-"""Placeholder: filled by the pipeline work."""
+"""`warp pipeline run|status`: the WARP loop (thin commands over mergekit_warp.pipeline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from mergekit_warp.cli.common import user_errors
+
+
+def quiet_transformers() -> None:
+    """No per-checkpoint 'Loading weights' bars from transformers: the pipeline loads dozens."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level `warp` app."""
+    """Add `warp pipeline run` and `warp pipeline status` to the top-level app."""
+    pipe = typer.Typer(help="The WARP loop: M RL runs → SLERP → LITI, for I iterations, then the Pareto evaluation.",
+                       no_args_is_help=True)
+
+    @pipe.command("run")
+    def run_cmd(
+        config: Path = typer.Argument(..., help="Pipeline YAML (see examples/demo.yaml)."),
+        out: Optional[Path] = typer.Option(None, "-o", "--out", help="Run folder (default: runs/CONFIG_STEM)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue a run folder: skip verified steps, redo the rest."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    ) -> None:
+        """Run the WARP pipeline of CONFIG; print the Pareto summary and the final policy's path."""
+        from mergekit_warp.pipeline.run import run_pipeline
+
+        quiet_transformers()
+        with user_errors():
+            result = run_pipeline(config, out, resume=resume, progress=not quiet)
+        if result.summary:
+            print(result.summary)
+        print(result.final)
+
+    @pipe.command("status")
+    def status_cmd(run_dir: Path = typer.Argument(..., help="A run folder of `warp pipeline run`.")) -> None:
+        """Show each step of RUN_DIR: done, running, interrupted, failed or pending, with key metrics."""
+        from rich.console import Console
+
+        from mergekit_warp.pipeline.status import status_table
+
+        with user_errors():
+            table = status_table(run_dir)
+        Console().print(table)
+
+    app.add_typer(pipe, name="pipeline")

@@ -1,0 +1,295 @@
+"""The KL–reward Pareto front of a pipeline run (the paper's figures 1 and 4).
+
+For each iteration i: its M RL runs, its SLERP merge, and the LITI sweep
+θ(η) = (1 − η)·θ_target + η·θ_slerp_i for η in the config's `eval.etas` (target θ_sft by default, as
+in the paper's fronts; η > 1 extrapolates). Also θ_sft, each iteration's init and `final/`. Each
+point's reward and KL(π‖π_sft) come from `score.Evaluator` on the held-out prompts; interpolated
+checkpoints exist only in memory. Writes `eval/pareto.csv`, `eval/pareto.png`, `eval/summary.txt`
+and `eval/summary.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mergekit_warp.errors import WarpError
+from mergekit_warp.eval.score import EvalSettings, Evaluator, Score
+
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluated checkpoint of the front. `iteration` 0 is θ_sft."""
+
+    iteration: int
+    kind: str  # sft | init | rl | slerp | liti | final
+    eta: float | None
+    score: Score
+
+    def row(self) -> dict[str, Any]:
+        s = asdict(self.score)
+        return {"iteration": self.iteration, "kind": self.kind, "eta": "" if self.eta is None else self.eta, **s}
+
+
+@dataclass(frozen=True)
+class ParetoResult:
+    points: list[Point]
+    csv: Path
+    png: Path
+    summary: str
+    headline: dict[str, Any]
+    """Key figures of the summary (also in summary.json and the manifest)."""
+
+
+def pareto(run_dir: Path, *, etas: list[float] | None = None, out: Path | None = None, force: bool = False,
+           device: str | None = None, progress: bool = True) -> ParetoResult:
+    """Evaluate the front of every finished iteration of pipeline run `run_dir`."""
+    from mergekit_warp.assets import resolve_model
+    from mergekit_warp.pipeline.config import PipelineConfig
+    from mergekit_warp.pipeline.manifest import MANIFEST
+
+    run_dir = Path(run_dir)
+    if not (run_dir / MANIFEST).is_file():
+        raise WarpError(f"{run_dir} is not a pipeline run folder (no {MANIFEST}); pass the -o folder of `warp pipeline run`")
+    cfg = PipelineConfig.model_validate(json.loads((run_dir / MANIFEST).read_text())["config"])
+    out = Path(out) if out is not None else run_dir / "eval"
+    if out.exists() and any(out.iterdir()) and not force:
+        raise WarpError(f"{out} already exists; pass --force to overwrite it")
+    if etas is not None and any(e < 0 for e in etas):
+        raise WarpError(f"--etas {etas}: η values must be ≥ 0")
+    e_cfg = cfg.eval
+    etas = sorted(set(etas if etas is not None else e_cfg.etas))
+    settings = EvalSettings(
+        prompts=cfg.prompts.heldout or cfg.prompts.train,
+        reward=cfg.reward,
+        max_new_tokens=e_cfg.max_new_tokens or _rl_option(cfg, "max_new_tokens"),
+        temperature=e_cfg.temperature or _rl_option(cfg, "temperature"),
+        samples_per_prompt=e_cfg.samples_per_prompt,
+        max_prompts=e_cfg.max_prompts,
+        length_penalty=e_cfg.length_penalty if e_cfg.length_penalty is not None else _rl_option(cfg, "length_penalty"),
+        batch_size=e_cfg.batch_size,
+        seed=e_cfg.seed,
+        device=device or cfg.devices[0],
+    )
+    sft = resolve_model(cfg.init)
+    iters = _finished_iterations(run_dir, cfg.runs, cfg.iterations)
+    if not iters:
+        raise WarpError(f"{run_dir}: no iteration has finished its RL runs and merge yet; nothing to evaluate")
+
+    ev = Evaluator(sft, settings)
+    say = _say(progress)
+    cache: dict[tuple, Score] = {}
+
+    def at(name: str, target: Path, merged: Path, eta: float) -> Score:
+        # θ(η=0) is θ_target itself; identical weights are scored once.
+        key = ("w", str(target.resolve())) if eta == 0 or target.resolve() == merged.resolve() else ("liti", str(target.resolve()), str(merged.resolve()), eta)
+        if key not in cache:
+            ev.load_liti(target, merged, eta)
+            cache[key] = ev.score(name, str(merged if key[0] == "liti" else target))
+            s = cache[key]
+            say(f"  {name:<24} reward {s.reward:+.4f} ± {s.reward_se:.4f}   KL {s.kl:7.3f} ± {s.kl_se:.3f}   len {s.length:.1f}")
+        s = cache[key]
+        return Score(**{**asdict(s), "name": name})
+
+    points = [Point(0, "sft", None, at("sft", sft, sft, 0.0))]
+    init = sft
+    for i, (runs, merged) in iters.items():
+        say(f"iteration {i}")
+        if i > 1:
+            points.append(Point(i, "init", None, at(f"iter_{i}/init", init, init, 0.0)))
+        for m, r in enumerate(runs, 1):
+            points.append(Point(i, "rl", None, at(f"iter_{i}/run_{m}", r, r, 1.0)))
+        points.append(Point(i, "slerp", None, at(f"iter_{i}/slerp", merged, merged, 1.0)))
+        target = sft if e_cfg.target == "sft" else init
+        for eta in etas:
+            points.append(Point(i, "liti", eta, at(f"iter_{i}/liti(eta={eta:g})", target, merged, eta)))
+        nxt = run_dir / ("final" if i == cfg.iterations else f"iter_{i}/liti")
+        if nxt.is_dir():
+            if i == cfg.iterations:
+                points.append(Point(i, "final", None, at("final", nxt, nxt, 1.0)))
+            init = nxt
+
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out / "pareto.csv", out / "pareto.png"
+    with open(csv_path, "w", newline="") as f:
+        rows = [p.row() for p in points]
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    headline, summary = summarize(points, settings)
+    plot(points, png_path, title=f"WARP Pareto front ({Path(cfg.init).name}, reward: {Path(cfg.reward).name})")
+    (out / "summary.txt").write_text(summary + "\n")
+    (out / "summary.json").write_text(json.dumps(headline, indent=2) + "\n")
+    return ParetoResult(points=points, csv=csv_path, png=png_path, summary=summary, headline=headline)
+
+
+def _rl_option(cfg, name: str):
+    """An option of the config's shared RL section, else RLConfig's default for it."""
+    from mergekit_warp.rl.config import RLConfig
+
+    return cfg.rl.get(name, RLConfig.__dataclass_fields__[name].default)
+
+
+def _finished_iterations(run_dir: Path, runs: int, iterations: int) -> dict[int, tuple[list[Path], Path]]:
+    """Iteration → (RL run folders, merge folder) for iterations whose outputs all exist."""
+    found = {}
+    for i in range(1, iterations + 1):
+        it = run_dir / f"iter_{i}"
+        rl = [it / f"run_{m}" for m in range(1, runs + 1)]
+        merged = rl[0] if runs == 1 else it / "slerp"
+        if not all((p / "config.json").is_file() for p in [*rl, merged]):
+            break
+        found[i] = (rl, merged)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summary: does the run show what WARP promises?
+
+
+def front(points: list[Point], iteration: int) -> tuple[np.ndarray, np.ndarray]:
+    """The LITI points of one iteration, sorted by KL: (kl, reward)."""
+    pts = sorted((p.score.kl, p.score.reward) for p in points if p.iteration == iteration and p.kind == "liti")
+    return np.array([k for k, _ in pts]), np.array([r for _, r in pts])
+
+
+def front_gap(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], n: int = 21) -> tuple[float, float, float] | None:
+    """Mean of reward_b(KL) − reward_a(KL) over the KL range both fronts cover (piecewise-linear
+    fronts); returns (gap, kl_lo, kl_hi) or None when the ranges do not overlap."""
+    lo, hi = max(a[0].min(), b[0].min()), min(a[0].max(), b[0].max())
+    if not hi > lo:
+        return None
+    grid = np.linspace(lo, hi, n)
+    return float(np.mean(np.interp(grid, *b) - np.interp(grid, *a))), float(lo), float(hi)
+
+
+def summarize(points: list[Point], settings: EvalSettings) -> tuple[dict[str, Any], str]:
+    """The figures behind WARP's two promises, each marked yes / NO / within noise (±1 s.e.)."""
+    sft = next(p.score for p in points if p.kind == "sft")
+    iters = sorted({p.iteration for p in points if p.iteration > 0})
+    lines = [
+        f"WARP Pareto summary — held-out: {sft.n} completions ({settings.samples_per_prompt} per prompt), "
+        f"reward: {settings.reward}" + (f" − {settings.length_penalty:g}·tokens" if settings.length_penalty else "")
+        + ", KL = Σ_tokens log π/π_sft (mean ± s.e.)",
+        f"  SFT (init)   reward {sft.reward:+.4f} ± {sft.reward_se:.4f}",
+    ]
+    head: dict[str, Any] = {"sft_reward": sft.reward, "sft_reward_se": sft.reward_se, "iterations": {}}
+    for i in iters:
+        rl = [p.score for p in points if p.iteration == i and p.kind == "rl"]
+        sl = next(p.score for p in points if p.iteration == i and p.kind == "slerp")
+        kl, rw = front(points, i)
+        best = int(np.argmax(rw))
+        head["iterations"][i] = {
+            "rl": [{"reward": s.reward, "kl": s.kl} for s in rl],
+            "slerp": {"reward": sl.reward, "reward_se": sl.reward_se, "kl": sl.kl},
+            "front_best": {"reward": float(rw[best]), "kl": float(kl[best])},
+        }
+        lines.append(f"  iteration {i}: RL runs " + ", ".join(f"{s.reward:+.4f} @ KL {s.kl:.2f}" for s in rl)
+                     + f";  SLERP {sl.reward:+.4f} ± {sl.reward_se:.4f} @ KL {sl.kl:.2f}"
+                     + f";  best LITI point {rw[best]:+.4f} @ KL {kl[best]:.2f}")
+
+    # Promise 1: the merge reaches a higher reward than the init, and than its own RL runs at no more KL.
+    for i in iters:
+        rec = head["iterations"][i]
+        sl, rl = rec["slerp"], rec["rl"]
+        gain, se = sl["reward"] - sft.reward, (sl["reward_se"] ** 2 + sft.reward_se**2) ** 0.5
+        rl_r, rl_kl = float(np.mean([r["reward"] for r in rl])), float(np.mean([r["kl"] for r in rl]))
+        ok = _verdict(gain, se)
+        rec["merged_above_init"] = {"verdict": ok, "gain": gain, "se": se}
+        rec["merged_vs_runs"] = {"reward_gain": sl["reward"] - rl_r, "kl_change": sl["kl"] - rl_kl}
+        lines.append(f"[{ok}] iteration {i}: SLERP merge above the init: reward {sl['reward']:+.4f} vs SFT "
+                     f"{sft.reward:+.4f} (Δ {gain:+.4f} ± {se:.4f}) at KL {sl['kl']:.2f}; vs its RL runs' mean "
+                     f"{rl_r:+.4f} @ KL {rl_kl:.2f}: Δreward {sl['reward'] - rl_r:+.4f}, ΔKL {sl['kl'] - rl_kl:+.2f}")
+    first = head["iterations"][iters[0]]["merged_above_init"]
+    head["merged_above_init"] = {"ok": first["verdict"] == "yes", **first}
+
+    # Promise 2: each iteration's front at or above the previous one over their common KL range.
+    for a, b in zip(iters, iters[1:]):
+        g = front_gap(front(points, a), front(points, b))
+        key = f"front_{b}_vs_{a}"
+        if g is None:
+            head[key] = {"ok": None}
+            lines.append(f"[ ? ] iteration {b}'s front vs iteration {a}'s: their KL ranges do not overlap")
+            continue
+        gap, lo, hi = g
+        ok = _verdict(gap, sft.reward_se)
+        head[key] = {"ok": ok != "NO", "verdict": ok, "mean_gap": gap, "kl_range": [lo, hi]}  # "at or above"
+        (ka, ra), (kb, rb) = front(points, a), front(points, b)
+        lines.append(f"[{ok}] iteration {b}'s front at/above iteration {a}'s: mean reward gap {gap:+.4f} over KL "
+                     f"[{lo:.2f}, {hi:.2f}] (1 s.e. of a reward estimate: {sft.reward_se:.4f}); best points: "
+                     f"iteration {b} {rb.max():+.4f} @ KL {kb[rb.argmax()]:.2f}, iteration {a} {ra.max():+.4f} @ KL {ka[ra.argmax()]:.2f}")
+    # The pipeline's output: LITI of the last merge toward its iteration's init (Algorithm 1).
+    fin = next((p.score for p in points if p.kind == "final"), None)
+    if fin is not None:
+        kl1, rw1 = front(points, iters[0])
+        ahead = float(np.interp(fin.kl, kl1, rw1)) if kl1.min() <= fin.kl <= kl1.max() else None
+        head["final"] = {"reward": fin.reward, "reward_se": fin.reward_se, "kl": fin.kl, "minus_front_1": None if ahead is None else fin.reward - ahead}
+        lines.append(f"  final/: reward {fin.reward:+.4f} ± {fin.reward_se:.4f} @ KL {fin.kl:.2f}"
+                     + ("" if ahead is None else f"; iteration {iters[0]}'s front at that KL: {ahead:+.4f} (Δ {fin.reward - ahead:+.4f})"))
+    return head, "\n".join(lines)
+
+
+def _verdict(delta: float, se: float) -> str:
+    """'yes' when delta exceeds 1 s.e., 'NO' when it is below −1 s.e., else 'at, within noise'."""
+    return "yes" if delta > se else ("NO" if delta < -se else "at, within noise")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plot
+
+
+def plot(points: list[Point], path: Path, title: str = "WARP Pareto front") -> Path:
+    """KL on x, reward on y; one LITI series per iteration with its RL runs (×) and SLERP (★)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    sft = next(p.score for p in points if p.kind == "sft")
+    bars = dict(elinewidth=0.8, capsize=2, alpha=0.7)  # ± 1 s.e. of the mean reward
+    ax.errorbar([sft.kl], [sft.reward], yerr=[sft.reward_se], fmt="o", color="black", label="SFT (init)", zorder=5, **bars)
+    for i in sorted({p.iteration for p in points if p.iteration > 0}):
+        c = colors[(i - 1) % len(colors)]
+        kl, rw = front(points, i)
+        etas = sorted((p.score.kl, p.eta) for p in points if p.iteration == i and p.kind == "liti")
+        ax.plot(kl, rw, "-o", color=c, ms=4, label=f"iteration {i}: LITI η sweep")
+        for (k, e), r in zip(etas, rw):
+            ax.annotate(f"{e:g}", (k, r), textcoords="offset points", xytext=(3, 3), fontsize=7, color=c)
+        for p in points:
+            if p.iteration != i:
+                continue
+            s = p.score
+            if p.kind == "rl":
+                ax.errorbar([s.kl], [s.reward], yerr=[s.reward_se], fmt="x", color=c, ms=8, mew=2, **bars)
+            elif p.kind == "slerp":
+                ax.plot([s.kl], [s.reward], "*", color=c, ms=14, mec="black")
+            elif p.kind == "final":
+                ax.plot([s.kl], [s.reward], "D", color=c, ms=7, mec="black", label="final/")
+    ax.plot([], [], "x", color="gray", ms=8, mew=2, label="RL runs")
+    ax.plot([], [], "*", color="gray", ms=12, mec="black", label="SLERP merge")
+    ax.set_xlabel("KL(π ‖ π_sft)  [nats, summed over completion tokens]")
+    ax.set_ylabel("mean reward, held-out prompts (± 1 s.e.)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _say(enabled: bool):
+    import sys
+
+    def say(msg: str) -> None:
+        if enabled:
+            print(msg, file=sys.stderr, flush=True)
+
+    return say

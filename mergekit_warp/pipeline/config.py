@@ -1,0 +1,265 @@
+"""The pipeline's YAML config: typed, frozen, unknown keys are errors.
+
+```yaml
+init: smollm2-135m-instruct        # HF folder, hub id, or a builtin asset name (mergekit_warp.assets)
+prompts: {train: prompts/train.jsonl, heldout: prompts/heldout.jsonl}
+reward: sentiment                  # any `warp rl --reward` spec
+iterations: 2                      # I
+runs: 2                            # M, RL runs per iteration
+seed: 0                            # run m of iteration i uses seeds[m-1] + 1000·(i-1)
+rl: {steps: 16, lr: 2.0e-5, ...}   # any RLConfig field except model/prompts/reward/out/device/seed/resume/force
+per_run: [{}, {length_penalty: 0.0005}]   # optional RLConfig overrides, one mapping per run
+slerp: {lam: 0.5, granularity: block}
+liti: {eta: 0.3, target: init}     # target: init (Algorithm 1) or sft
+devices: [cpu]                     # several → the M runs of an iteration run in parallel
+eval: {etas: [0, 0.1, 0.3, 0.5, 0.8, 1.0]}
+```
+Relative paths are taken relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergekit_warp.errors import WarpError
+
+# RLConfig fields the pipeline sets itself, per run; a config that sets them is refused.
+PIPELINE_OWNED = ("model", "prompts", "reward", "out", "device", "seed", "resume", "force", "progress")
+DEFAULT_ETAS = (0.0, 0.1, 0.3, 0.5, 0.8, 1.0)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Prompts(_Frozen):
+    train: Path
+    """JSONL of RL training prompts (`{"prompt": ...}` or `{"messages": [...]}` lines)."""
+    heldout: Path | None = None
+    """JSONL of held-out prompts for the Pareto evaluation (default: the training prompts)."""
+
+
+class Slerp(_Frozen):
+    lam: float | None = None
+    """λ of the two-model SLERP; None → 0.5. For M > 2 the paper's iterative rule (λ = 1/k) applies."""
+    granularity: Literal["block", "tensor", "model"] = "block"
+    """One angle per transformer block (the paper), per tensor, or for the whole model."""
+
+    @field_validator("lam")
+    @classmethod
+    def _lam_range(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+
+class Liti(_Frozen):
+    eta: float = 0.3
+    """η of θ ← (1−η)·θ_target + η·θ_slerp, giving the next iteration's init."""
+    target: Literal["init", "sft"] = "init"
+    """`init`: the iteration's own init (Algorithm 1); `sft`: always θ_sft."""
+    final_eta: float | None = None
+    """η used for `final/` after the last iteration (default: `eta`)."""
+    allow_extrapolation: bool = False
+    """Permit η outside [0, 1] (ExPO-style extrapolation)."""
+
+    @model_validator(mode="after")
+    def _eta_range(self) -> "Liti":
+        for name in ("eta", "final_eta"):
+            v = getattr(self, name)
+            if v is not None and not self.allow_extrapolation and not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name}={v} is outside [0, 1]; set liti.allow_extrapolation: true to extrapolate")
+        return self
+
+
+class Eval(_Frozen):
+    enabled: bool = True
+    """Run the Pareto evaluation at the end of the pipeline."""
+    etas: tuple[float, ...] = DEFAULT_ETAS
+    """LITI sweep of each iteration's SLERP merge toward `target` (values > 1 extrapolate)."""
+    target: Literal["sft", "init"] = "sft"
+    """Sweep toward θ_sft (the paper's fronts) or toward the iteration's init."""
+    samples_per_prompt: int = Field(2, ge=1)
+    """Completions sampled per held-out prompt and checkpoint."""
+    max_prompts: int | None = Field(None, ge=1)
+    """Use only the first N held-out prompts."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Default: the RL section's max_new_tokens."""
+    temperature: float | None = Field(None, gt=0)
+    """Default: the RL section's temperature."""
+    length_penalty: float | None = None
+    """Added to the reward as in `warp rl`; default: the RL section's length_penalty."""
+    batch_size: int = Field(32, ge=1)
+    """Sequences generated per forward batch."""
+    seed: int = 1234
+    """Sampling seed, the same for every checkpoint (common random numbers)."""
+
+    @field_validator("etas")
+    @classmethod
+    def _etas_ok(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("needs at least one value")
+        if any(e < 0 for e in v):
+            raise ValueError("η values must be ≥ 0")
+        return tuple(sorted(set(v)))
+
+
+class PipelineConfig(_Frozen):
+    init: str
+    """θ_sft: HF folder, hub id, or builtin asset name (`smollm2-135m-instruct`)."""
+    prompts: Prompts
+    reward: str
+    """Reward spec as for `warp rl --reward`: `sentiment`, `module:function`, `file.py:function`, RM folder."""
+    iterations: int = Field(ge=1)
+    """I: WARP iterations."""
+    runs: int = Field(ge=1)
+    """M: independent RL runs per iteration."""
+    seed: int = 0
+    """Base seed; run m uses `seeds[m-1]` (default seed + m − 1), plus 1000·(i−1) at iteration i."""
+    seeds: tuple[int, ...] | None = None
+    rl: dict[str, Any] = Field(default_factory=dict)
+    """Options passed to every RL run (names of `mergekit_warp.rl.config.RLConfig`)."""
+    per_run: tuple[dict[str, Any], ...] | None = None
+    """Optional RL overrides per run (length M)."""
+    slerp: Slerp = Slerp()
+    liti: Liti = Liti()
+    devices: tuple[str, ...] = ("cpu",)
+    """Run m uses devices[(m−1) mod len]; more than one device → runs of an iteration in parallel."""
+    eval: Eval = Eval()
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "PipelineConfig":
+        if self.seeds is not None and len(self.seeds) != self.runs:
+            raise ValueError(f"seeds: has {len(self.seeds)} values but runs is {self.runs}")
+        if self.per_run is not None and len(self.per_run) != self.runs:
+            raise ValueError(f"per_run: has {len(self.per_run)} entries but runs is {self.runs}")
+        if not self.devices:
+            raise ValueError("devices: list at least one device, e.g. [cpu]")
+        return self
+
+    def run_seed(self, iteration: int, run: int) -> int:
+        """Seed of run `run` (1-based) of iteration `iteration` (1-based)."""
+        base = self.seeds[run - 1] if self.seeds is not None else self.seed + run - 1
+        return base + 1000 * (iteration - 1)
+
+    def rl_options(self, run: int) -> dict[str, Any]:
+        """The RL options of run `run` (1-based): the shared section, then its per-run overrides."""
+        return {**self.rl, **(self.per_run[run - 1] if self.per_run else {})}
+
+    def device(self, run: int) -> str:
+        return self.devices[(run - 1) % len(self.devices)]
+
+    @property
+    def parallel(self) -> bool:
+        return len(self.devices) > 1
+
+    def digest(self) -> str:
+        """Hash of the resolved config; a resumed run must have the same one."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path, *, check_devices: bool = True) -> PipelineConfig:
+    """Read, validate and resolve a pipeline YAML; every problem is one WarpError line naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise WarpError(f"config {path} does not exist; pass a pipeline YAML such as examples/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise WarpError(f"config {path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise WarpError(f"config {path}: expected a mapping of keys (init, prompts, reward, ...) at the top")
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise WarpError(f"config {path}: {_first_error(e)}") from None
+    _check_rl_keys(path, cfg)
+    cfg = _resolve_paths(path.parent.absolute(), cfg)
+    for role, p in (("prompts.train", cfg.prompts.train), ("prompts.heldout", cfg.prompts.heldout)):
+        if p is not None and not p.is_file():
+            raise WarpError(f"config {path}: {role} file {p} does not exist; fix the path (relative to the config)")
+    if check_devices:
+        for d in cfg.devices:
+            check_device(d, f"config {path}: devices")
+    return cfg
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    if err["type"] == "missing":
+        return f"missing required key '{key}'"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}'; check the spelling (see examples/demo.yaml)"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"key '{key}': {msg}"
+
+
+def _check_rl_keys(path: Path, cfg: PipelineConfig) -> None:
+    """RL options must be RLConfig fields the pipeline does not set itself."""
+    from mergekit_warp.rl.config import RLConfig
+
+    fields = {f.name for f in dataclasses.fields(RLConfig)}
+    sections = [("rl", cfg.rl)] + [(f"per_run.{i}", d) for i, d in enumerate(cfg.per_run or ())]
+    for where, opts in sections:
+        for key in opts:
+            if key in PIPELINE_OWNED:
+                hint = "use top-level 'seed'/'seeds'" if key == "seed" else "the pipeline sets it"
+                raise WarpError(f"config {path}: key '{where}.{key}' is not allowed here ({hint})")
+            if key not in fields:
+                raise WarpError(f"config {path}: unknown key '{where}.{key}'; valid RL options: {', '.join(sorted(fields - set(PIPELINE_OWNED)))}")
+
+
+def _resolve_paths(base: Path, cfg: PipelineConfig) -> PipelineConfig:
+    def rel(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else base / p)
+
+    prompts = cfg.prompts.model_copy(update={"train": rel(cfg.prompts.train), "heldout": rel(cfg.prompts.heldout)})
+    return cfg.model_copy(update={"prompts": prompts, "init": _rel_spec(base, cfg.init), "reward": _rel_spec(base, cfg.reward)})
+
+
+def _rel_spec(base: Path, spec: str) -> str:
+    """Make a model/reward spec that names a local path (`x/`, `f.py:fn`) absolute; leave names alone."""
+    if ".py:" in spec:
+        head, sep, tail = spec.rpartition(":")
+    else:
+        head, sep, tail = spec, "", ""
+    p = Path(head).expanduser()
+    if not p.is_absolute() and (base / p).exists():
+        return str(base / p) + sep + tail
+    return spec
+
+
+def check_device(device: str, where: str) -> None:
+    """Refuse a device this machine does not have (cpu, cuda[:N], mps)."""
+    import torch
+
+    if device == "cpu":
+        return
+    kind, _, idx = device.partition(":")
+    if kind == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if idx and not idx.isdigit():
+            raise WarpError(f"{where}: '{device}' is not a device name; use cpu, cuda or cuda:N")
+        if n == 0 or (idx and int(idx) >= n):
+            raise WarpError(f"{where}: device '{device}' does not exist here ({n} CUDA device(s)); list existing devices or use [cpu]")
+        return
+    if kind == "mps" and not idx:
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise WarpError(f"{where}: device 'mps' is not available here; use [cpu]")
+        return
+    raise WarpError(f"{where}: '{device}' is not a device name; use cpu, cuda, cuda:N or mps")

@@ -1,0 +1,142 @@
+"""`run.json`: the pipeline's manifest. One record per step (RL run, SLERP, LITI, evaluation) with its
+status, inputs (path + hash), output (path + hash) and key metrics. Written atomically (temp file +
+`os.replace`) after every change, so a kill at any point leaves the last consistent manifest behind.
+
+A step counts as finished only when its record says `done` AND its output still has the recorded
+hash; `--resume` redoes everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mergekit_warp.io.publish import PROVENANCE, fingerprint
+
+MANIFEST = "run.json"
+Status = Literal["pending", "running", "done", "failed"]
+
+
+def output_hash(path: Path) -> str:
+    """Header fingerprint of a checkpoint plus the bytes of its provenance file (which carries the
+    creation time and the inputs' hashes), so a re-made output never matches an old record."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    h = fingerprint(path)
+    prov = path / PROVENANCE
+    if path.is_dir() and prov.is_file():
+        h += "+prov:" + hashlib.sha256(prov.read_bytes()).hexdigest()[:16]
+    return h
+
+
+@dataclass
+class Step:
+    """One unit of work. `name` is its path relative to the run folder (`iter_1/run_2`, `final`)."""
+
+    name: str
+    kind: str  # rl | slerp | liti | pareto
+    status: Status = "pending"
+    inputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    output: str | None = None
+    hash: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    pid: int | None = None
+    device: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Manifest:
+    """The run folder's `run.json`. Only the pipeline's parent process writes it (parallel RL runs
+    report back to it), guarded by a lock for the thread that collects their results."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], config_hash: str, steps: dict[str, Step] | None = None):
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.config_hash = config_hash
+        self.steps: dict[str, Step] = steps or {}
+        self.created = time.time()
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / MANIFEST
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "Manifest":
+        raw = json.loads((Path(run_dir) / MANIFEST).read_text())
+        m = cls(run_dir, raw["config"], raw["config_hash"], {k: Step(**v) for k, v in raw["steps"].items()})
+        m.created = raw.get("created", m.created)
+        return m
+
+    def save(self) -> None:
+        with self._lock:
+            record = {
+                "format": "mergekit-warp/run/1",
+                "created": self.created,
+                "updated": time.time(),
+                "config_hash": self.config_hash,
+                "config": self.config,
+                "steps": {k: asdict(s) for k, s in self.steps.items()},
+            }
+            tmp = self.path.with_name(f".{MANIFEST}.tmp-{os.getpid()}-{threading.get_ident()}")
+            tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            os.replace(tmp, self.path)
+
+    def step(self, name: str, kind: str) -> Step:
+        """The record of step `name`, created pending if new."""
+        if name not in self.steps:
+            self.steps[name] = Step(name=name, kind=kind)
+        return self.steps[name]
+
+    # -- transitions ------------------------------------------------------------------------------
+
+    def start(self, name: str, kind: str, inputs: dict[str, Path], device: str | None = None) -> None:
+        s = self.step(name, kind)
+        s.status, s.started, s.finished, s.pid, s.device, s.error = "running", time.time(), None, os.getpid(), device, None
+        s.inputs = {role: {"path": str(p), "hash": output_hash(p)} for role, p in inputs.items()}
+        s.output, s.hash = None, None
+        self.save()
+
+    def finish(self, name: str, output: Path | None, metrics: dict[str, Any] | None = None) -> None:
+        s = self.steps[name]
+        s.status, s.finished = "done", time.time()
+        if output is not None:
+            s.output, s.hash = str(Path(output).relative_to(self.run_dir)), output_hash(output)
+        s.metrics = metrics or {}
+        self.save()
+
+    def fail(self, name: str, error: str) -> None:
+        s = self.steps[name]
+        s.status, s.finished, s.error = "failed", time.time(), error
+        self.save()
+
+    def is_done(self, name: str, inputs: dict[str, Path]) -> bool:
+        """Finished, with an output whose hash still matches and the same input hashes as recorded."""
+        s = self.steps.get(name)
+        if s is None or s.status != "done":
+            return False
+        if s.output is not None and output_hash(self.run_dir / s.output) != s.hash:
+            return False
+        now = {role: output_hash(p) for role, p in inputs.items()}
+        return now == {role: d["hash"] for role, d in s.inputs.items()}
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
