@@ -10,6 +10,7 @@ import typing
 import typer
 
 from mergekit_warp.cli.common import user_errors
+from mergekit_warp.rl import launch
 from mergekit_warp.rl.config import RLConfig, field_docs
 
 _SHORT = {"out": ["-o", "--out"]}
@@ -37,10 +38,17 @@ def register(app: typer.Typer) -> None:
     def rl_cmd(**options) -> None:
         from mergekit_warp.rl.train import train  # imported here: `warp --help` should not load torch
 
-        with user_errors():
-            print(train(RLConfig(**options)))
+        with launch.worker_process(), user_errors():
+            spec = launch.take_spec(options)
+            cfg = RLConfig(**options)
+            if launch.wanted(spec):  # --nproc N / --nnodes M: rerun this command under torchrun
+                launch.check(spec, cfg.batch_size, cfg.device)
+                raise typer.Exit(launch.relaunch(spec))
+            out = train(cfg)
+            if launch.is_rank_zero():
+                print(out)
 
-    params = _parameters()
+    params = _parameters() + launch.cli_parameters()
     rl_cmd.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     rl_cmd.__annotations__ = {p.name: p.annotation for p in params}
     rl_cmd.__doc__ = (

@@ -74,7 +74,7 @@ def pareto(run_dir: Path, *, etas: list[float] | None = None, out: Path | None =
         length_penalty=e_cfg.length_penalty if e_cfg.length_penalty is not None else _rl_option(cfg, "length_penalty"),
         batch_size=e_cfg.batch_size,
         seed=e_cfg.seed,
-        device=device or cfg.devices[0],
+        device=device or cfg.eval_device,
     )
     sft = resolve_model(cfg.init)
     iters = _finished_iterations(run_dir, cfg.runs, cfg.iterations)

@@ -11,7 +11,8 @@ rl: {steps: 16, lr: 2.0e-5, ...}   # any RLConfig field except model/prompts/rew
 per_run: [{}, {length_penalty: 0.0005}]   # optional RLConfig overrides, one mapping per run
 slerp: {lam: 0.5, granularity: block}
 liti: {eta: 0.3, target: init}     # target: init (Algorithm 1) or sft
-devices: [cpu]                     # several → the M runs of an iteration run in parallel
+devices: [cpu]                     # several → the M runs of an iteration run in parallel;
+                                   # a group [[cuda:0, cuda:1], [cuda:2, cuda:3]] → each run data-parallel on its group
 eval: {etas: [0, 0.1, 0.3, 0.5, 0.8, 1.0]}
 ```
 Relative paths are taken relative to the config file's folder.
@@ -130,8 +131,10 @@ class PipelineConfig(_Frozen):
     """Optional RL overrides per run (length M)."""
     slerp: Slerp = Slerp()
     liti: Liti = Liti()
-    devices: tuple[str, ...] = ("cpu",)
-    """Run m uses devices[(m−1) mod len]; more than one device → runs of an iteration in parallel."""
+    devices: tuple[str | tuple[str, ...], ...] = ("cpu",)
+    """Run m uses devices[(m−1) mod len]; more than one entry → runs of an iteration in parallel. An entry
+    may be a group ([cuda:0, cuda:1], or [cpu, cpu] for gloo): that run is data-parallel on it under
+    torchrun, one process per device (`warp rl --nproc N`)."""
     eval: Eval = Eval()
 
     @model_validator(mode="after")
@@ -153,8 +156,22 @@ class PipelineConfig(_Frozen):
         """The RL options of run `run` (1-based): the shared section, then its per-run overrides."""
         return {**self.rl, **(self.per_run[run - 1] if self.per_run else {})}
 
+    def group(self, run: int) -> tuple[str, ...]:
+        """The device(s) of run `run` (1-based): one, or a group for a data-parallel run."""
+        d = self.devices[(run - 1) % len(self.devices)]
+        return (d,) if isinstance(d, str) else tuple(d)
+
     def device(self, run: int) -> str:
-        return self.devices[(run - 1) % len(self.devices)]
+        """The run's `warp rl --device`: its device, or for a group "cpu"/"cuda" (rank r on the r-th GPU)."""
+        from mergekit_warp.rl.launch import group_device
+
+        g = self.group(run)
+        return g[0] if len(g) == 1 else group_device(g)[0]
+
+    @property
+    def eval_device(self) -> str:
+        """Where the Pareto evaluation runs: the first listed device."""
+        return self.group(1)[0]
 
     @property
     def parallel(self) -> bool:
@@ -193,8 +210,17 @@ def load_config(path: Path, *, check_devices: bool = True) -> PipelineConfig:
         if p is not None and not p.is_file():
             raise WarpError(f"config {path}: {role} file {p} does not exist; fix the path (relative to the config)")
     if check_devices:
-        for d in cfg.devices:
-            check_device(d, f"config {path}: devices")
+        from mergekit_warp.rl.launch import group_device
+
+        for entry in cfg.devices:
+            group = (entry,) if isinstance(entry, str) else entry
+            for d in group:
+                check_device(d, f"config {path}: devices")
+            if len(group) > 1:
+                try:
+                    group_device(group)
+                except WarpError as e:
+                    raise WarpError(f"config {path}: {e}") from None
     return cfg
 
 

@@ -109,22 +109,26 @@ def _rl_runs(cfg: PipelineConfig, manifest: Manifest, i: int, init: Path, it: Pa
 
     if not cfg.parallel:
         for name, m, rl_cfg in todo:
-            log(f"{name}: RL on {rl_cfg.device}, seed {rl_cfg.seed}, {rl_cfg.steps} steps")
-            manifest.start(name, "rl", {"init": init}, device=rl_cfg.device)
-            _guarded(manifest, name, lambda: _train(rl_cfg))
+            group = cfg.group(m)
+            log(f"{name}: RL on {','.join(group)}, seed {rl_cfg.seed}, {rl_cfg.steps} steps")
+            manifest.start(name, "rl", {"init": init}, device=",".join(group))
+            _guarded(manifest, name, lambda: _train(rl_cfg, group))
             manifest.finish(name, rl_cfg.out, _rl_metrics(rl_cfg.out))
             _maybe_kill(name)
         return runs
 
-    # Parallel: one worker process per device, each running its device's runs in order (spawned, so
-    # CUDA initialises cleanly in the child); only this process writes the manifest.
-    pools = {d: ProcessPoolExecutor(max_workers=1, mp_context=_spawn()) for d in dict.fromkeys(c.device for _, _, c in todo)}
+    # Parallel: one worker process per entry of `devices` (a device or a group), each running its
+    # entry's runs in order (spawned, so CUDA initialises cleanly in the child); only this process
+    # writes the manifest.
+    slot = lambda m: (m - 1) % len(cfg.devices)  # noqa: E731
+    pools = {s: ProcessPoolExecutor(max_workers=1, mp_context=_spawn()) for s in dict.fromkeys(slot(m) for _, m, _ in todo)}
     try:
         futures = {}
         for name, m, rl_cfg in todo:
-            log(f"{name}: RL on {rl_cfg.device}, seed {rl_cfg.seed}, {rl_cfg.steps} steps (parallel)")
-            manifest.start(name, "rl", {"init": init}, device=rl_cfg.device)
-            futures[name] = (pools[rl_cfg.device].submit(_train, rl_cfg), rl_cfg)
+            group = cfg.group(m)
+            log(f"{name}: RL on {','.join(group)}, seed {rl_cfg.seed}, {rl_cfg.steps} steps (parallel)")
+            manifest.start(name, "rl", {"init": init}, device=",".join(group))
+            futures[name] = (pools[slot(m)].submit(_train, rl_cfg, group), rl_cfg)
         errors = []
         for name, (fut, rl_cfg) in futures.items():
             try:
@@ -164,8 +168,8 @@ def _pareto_step(cfg: PipelineConfig, manifest: Manifest, run_dir: Path, log: "_
     if manifest.is_done(name, inputs) and (out / "summary.txt").is_file():
         log(f"{name}: done (verified), skipped")
         return (out / "summary.txt").read_text()
-    log(f"{name}: Pareto evaluation of {cfg.iterations} iteration(s) on {cfg.devices[0]}")
-    manifest.start(name, "pareto", inputs, device=cfg.devices[0])
+    log(f"{name}: Pareto evaluation of {cfg.iterations} iteration(s) on {cfg.eval_device}")
+    manifest.start(name, "pareto", inputs, device=cfg.eval_device)
     result = _guarded(manifest, name, lambda: pareto(run_dir, force=True, progress=log.enabled))
     manifest.finish(name, None, result.headline)
     return result.summary
@@ -184,10 +188,16 @@ def _liti(merged: Path, target: Path, out: Path, eta: float, force: bool) -> Pat
     return api.liti(merged, target, out, eta=eta, force=force, progress=False)
 
 
-def _train(rl_cfg) -> Path:
-    from mergekit_warp.rl.train import train
+def _train(rl_cfg, group: tuple[str, ...] = ("cpu",)) -> Path:
+    """One RL run: in this process on one device, or under torchrun on a device group (its workers'
+    output goes to OUT.log beside the run's folder)."""
+    if len(group) == 1:
+        from mergekit_warp.rl.train import train
 
-    return train(rl_cfg)
+        return train(rl_cfg)
+    from mergekit_warp.rl.launch import train_on_group
+
+    return train_on_group(rl_cfg, group, log=Path(rl_cfg.out).with_suffix(".log"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,11 +224,18 @@ def _rl_config(cfg: PipelineConfig, i: int, m: int, init: Path, out: Path, *, re
 
 def _check_rl_configs(config_path: Path, cfg: PipelineConfig) -> None:
     """Build every run's RLConfig once before any work, so a bad option fails in seconds, not hours."""
+    from mergekit_warp.rl.launch import LaunchSpec, check
+
     for m in range(1, cfg.runs + 1):
         try:
-            _rl_config(cfg, 1, m, Path(cfg.init), Path("/nonexistent/out"), resume=False, progress=False)
+            rl_cfg = _rl_config(cfg, 1, m, Path(cfg.init), Path("/nonexistent/out"), resume=False, progress=False)
         except WarpError as e:
             raise WarpError(f"config {config_path}: {e}") from None
+        if len(cfg.group(m)) > 1:  # a data-parallel run: the batch must split evenly over the group
+            try:
+                check(LaunchSpec(nproc=len(cfg.group(m))), rl_cfg.batch_size, rl_cfg.device)
+            except WarpError as e:
+                raise WarpError(f"config {config_path}: run {m} on devices {list(cfg.group(m))}: {e}") from None
 
 
 def _open_manifest(run_dir: Path, cfg: PipelineConfig, config_path: Path, resume: bool) -> Manifest:

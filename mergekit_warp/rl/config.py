@@ -16,6 +16,7 @@ from mergekit_warp.errors import WarpError
 ANCHORS = ("ema", "init")
 BASELINES = ("rloo", "mean", "none")
 DTYPES = ("fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,11 @@ class RLConfig:
     dtype: str = "fp32"
     """Policy compute dtype: fp32, bf16 or fp16; the anchor and Adam's master weights stay fp32."""
     device: str = "cpu"
-    """Torch device: cpu, cuda, cuda:N or mps."""
+    """Torch device: cpu, cuda, cuda:N or mps. Under torchrun / --nproc: cpu (gloo) or cuda (rank r on cuda:r)."""
     threads: int = 0
     """Torch CPU threads for this run (0 = torch's default); 1 is fastest on a busy shared machine."""
+    parallel: str = "ddp"
+    """Under torchrun / --nproc: 'ddp' (a replica per rank, gradients all-reduced) or 'fsdp' (FSDP2: policy, anchor and init sharded)."""
     seed: int = 0
     """Seed of prompt order and sampling (the M runs of WARP differ by it)."""
     save_every: int = 0
@@ -93,6 +96,7 @@ class RLConfig:
         need(self.anchor in ANCHORS, f"--anchor {self.anchor!r}: use one of {', '.join(ANCHORS)}")
         need(self.baseline in BASELINES, f"--baseline {self.baseline!r}: use one of {', '.join(BASELINES)}")
         need(self.dtype in DTYPES, f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        need(self.parallel in PARALLEL, f"--parallel {self.parallel!r}: use one of {', '.join(PARALLEL)}")
         need(self.beta >= 0, f"--beta {self.beta}: must be ≥ 0")
         need(0 <= self.mu <= 1, f"--mu {self.mu}: the EMA rate must lie in [0, 1]")
         need(self.temperature > 0, f"--temperature {self.temperature}: must be > 0")
@@ -138,7 +142,8 @@ class RLConfig:
 
 # Fields that may change between an interrupted run and its `--resume` without changing the result.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "force", "progress", "steps", "kl_stop", "save_every", "state_every", "device", "eval_every", "threads"}
+    {"resume", "force", "progress", "steps", "kl_stop", "save_every", "state_every", "device", "eval_every", "threads",
+     "parallel"}
 )
 
 

@@ -14,16 +14,17 @@ def shaped_reward(reward: torch.Tensor, logp: torch.Tensor, logp_anchor: torch.T
     return reward - beta * (logp - logp_anchor)
 
 
-def baseline(values: torch.Tensor, k: int, kind: str) -> torch.Tensor:
+def baseline(values: torch.Tensor, k: int, kind: str, mean: torch.Tensor | None = None) -> torch.Tensor:
     """(b,) REINFORCE baseline of each row.
 
     rloo: mean of the OTHER k − 1 samples of the same prompt (unbiased: independent of the row itself).
-    mean: mean over the whole batch (slightly biased: includes the row). none: zero.
+    mean: mean over the whole batch (slightly biased: includes the row); `mean` overrides it with the
+    mean of the global batch when `values` is one data-parallel rank's share. none: zero.
     """
     if kind == "none":
         return torch.zeros_like(values)
     if kind == "mean":
-        return values.mean().expand_as(values)
+        return (values.mean() if mean is None else mean.to(values)).expand_as(values)
     if kind == "rloo":
         if k < 2:
             raise ValueError("rloo needs k ≥ 2 samples per prompt")
@@ -32,9 +33,9 @@ def baseline(values: torch.Tensor, k: int, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown baseline {kind!r}")
 
 
-def advantages(values: torch.Tensor, k: int, kind: str) -> torch.Tensor:
-    """(b,) shaped reward minus its baseline."""
-    return values - baseline(values, k, kind)
+def advantages(values: torch.Tensor, k: int, kind: str, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """(b,) shaped reward minus its baseline (`mean`: see `baseline`)."""
+    return values - baseline(values, k, kind, mean)
 
 
 def reinforce_loss(logp: torch.Tensor, adv: torch.Tensor, n_total: int) -> torch.Tensor:

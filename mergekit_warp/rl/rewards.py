@@ -60,16 +60,17 @@ def _callable(spec: str) -> RewardFn:
     return fn
 
 
-def reward_model(src: str, device: str = "cpu", batch: int = 16) -> RewardFn:
-    """An HF sequence-classification model with one label; its logit is the reward."""
+def reward_model(src: str, device: str = "cpu", batch: int = 16, prepare=None) -> RewardFn:
+    """An HF sequence-classification model with one label; its logit is the reward. `prepare(model)`,
+    when given, returns the model to use (data-parallel runs shard it with FSDP there)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from mergekit_warp.rl.models import resolve_device
 
     dev = resolve_device(device)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(src).to(dev).eval()
+    try:  # with `prepare` (FSDP sharding) the model is read into CPU memory and placed by it
+        model = AutoModelForSequenceClassification.from_pretrained(src).to("cpu" if prepare else dev).eval()
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise WarpError(f"reward model {src}: cannot be loaded ({str(e).splitlines()[0]})") from None
@@ -81,6 +82,9 @@ def reward_model(src: str, device: str = "cpu", batch: int = 16) -> RewardFn:
         tok.pad_token = tok.eos_token or tok.unk_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    if prepare is not None:
+        model = prepare(model.requires_grad_(False))
+        dev = next(model.parameters()).device
 
     @torch.no_grad()
     def reward(prompts: list[str], completions: list[str]) -> list[float]:
@@ -127,8 +131,9 @@ def validated(fn: RewardFn, name: str, length_penalty: float = 0.0, tokenizer=No
     return reward
 
 
-def load_reward(spec: str, device: str = "cpu", length_penalty: float = 0.0, tokenizer=None) -> RewardFn:
-    """The reward named by `spec` (see the module docstring), validated, with the length penalty applied."""
+def load_reward(spec: str, device: str = "cpu", length_penalty: float = 0.0, tokenizer=None, prepare=None) -> RewardFn:
+    """The reward named by `spec` (see the module docstring), validated, with the length penalty applied.
+    `prepare`: applied to a reward MODEL after loading (see `reward_model`)."""
     spec = str(spec)
     if spec in BUILTIN:
         fn = BUILTIN[spec]()
@@ -137,7 +142,7 @@ def load_reward(spec: str, device: str = "cpu", length_penalty: float = 0.0, tok
     else:
         from mergekit_warp.rl.models import _check_source
 
-        fn = reward_model(_check_source(spec, "reward model"), device)
+        fn = reward_model(_check_source(spec, "reward model"), device, prepare=prepare)
     return validated(fn, spec, length_penalty, tokenizer)
 
 

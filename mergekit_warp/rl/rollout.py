@@ -17,8 +17,11 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from mergekit_warp.rl.dist import all_ranks_done, plain_forwards_only
 
 
 @dataclass
@@ -110,6 +113,24 @@ def forward_shared(model, input_ids, attention_mask, prefix_len: int, **kw):
     return out, full_mask
 
 
+def row_uniforms(seed: int, first_row: int, rows: int, steps: int) -> torch.Tensor:
+    """(rows, steps) float64 uniforms in [0, 1); row i depends only on (seed, first_row + i)."""
+    out = torch.empty(rows, steps, dtype=torch.float64)
+    for i in range(rows):
+        s = int(np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, first_row + i]).generate_state(1, np.uint64)[0])
+        out[i] = torch.rand(steps, dtype=torch.float64, generator=torch.Generator().manual_seed(s >> 1))
+    return out
+
+
+def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(b,) token ids from (b, V) probabilities: the first id whose cumulative probability exceeds u (b,).
+    Ids of probability 0 are never drawn."""
+    cdf = probs.double().cumsum(-1)  # (b, V)
+    target = u.to(cdf.device)[:, None] * cdf[:, -1:]  # scaled by the total: rounding never picks a 0-prob id
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # (b,)
+    return idx.clamp(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -120,27 +141,31 @@ def generate(
     temperature: float,
     generator_seed: int | None = None,
     share_prefix: bool = True,
+    row_offset: int = 0,
 ) -> Rollout:
     """Sample one completion per prompt at `temperature` (ancestral sampling, KV cache).
 
-    A hand-written loop rather than `model.generate`: it draws from a seeded `torch.Generator` (no global
-    RNG, so runs and resumes are reproducible and data-parallel ranks independent) and records log π_τ
-    and the entropy of each sampled token on the fly, saving a forward pass per step. With
-    `share_prefix`, a prompt prefix common to all rows is prefilled once (see `forward_shared`).
+    A hand-written loop rather than `model.generate`: no global RNG, so runs and resumes are
+    reproducible, and it records log π_τ and the entropy of each sampled token on the fly, saving a
+    forward pass per step. Row i draws its tokens by inverse CDF from its own uniforms, seeded by
+    (generator_seed, row_offset + i): a completion does not depend on which other prompts share the
+    batch, so a data-parallel run (each rank a slice, `row_offset` = its first global row) samples
+    exactly what one process sampling the whole batch would. With `share_prefix`, a prompt prefix
+    common to all rows is prefilled once (see `forward_shared`).
     """
     dev = next(model.parameters()).device
-    g = torch.Generator(device=dev)
-    g.manual_seed(generator_seed if generator_seed is not None else int(torch.randint(2**62, (1,))))
+    seed = generator_seed if generator_seed is not None else int(torch.randint(2**62, (1,)))
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",  # whatever the tokenizer's default
                     add_special_tokens=add_special_tokens(tokenizer))
     ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)  # (b, P)
     b = ids.shape[0]
     eos = eos_ids(model, tokenizer).to(dev)
     pad = tokenizer.pad_token_id
+    u = row_uniforms(seed, row_offset, b, max_new_tokens)  # (b, T) on the CPU: device-independent draws
 
     cache_kw = _cache_kw(model)
     pos = positions(mask)
-    S = shared_prefix(ids, mask, None) if share_prefix else 0
+    S = shared_prefix(ids, mask, None) if share_prefix and not plain_forwards_only(model) else 0
     if S >= MIN_SHARED:  # prefill the common prefix once (the chat template's system prompt, say)
         out, attn = forward_shared(model, ids, mask, S, logits_to_keep=1)
     else:
@@ -153,7 +178,7 @@ def generate(
     for _ in range(max_new_tokens):
         logp = F.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (b, V)
         probs = logp.exp()
-        tok = torch.multinomial(probs, 1, generator=g).squeeze(-1)  # (b,)
+        tok = sample_inverse_cdf(probs, u[:, len(tokens)])  # (b,)
         active = ~done
         logprob += torch.where(active, logp.gather(-1, tok[:, None]).squeeze(-1), 0.0)
         entropy += torch.where(active, -(probs * logp).sum(-1), 0.0)
@@ -161,7 +186,7 @@ def generate(
         tokens.append(tok)
         live.append(active)
         done = done | torch.isin(tok, eos)
-        if bool(done.all()):
+        if all_ranks_done(bool(done.all()), model):
             break
         # Finished rows keep being fed (pad, masked later): a fixed batch keeps the cache simple.
         attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=dev)], dim=1)
@@ -208,7 +233,7 @@ def sequence_logprobs(
     # Activation checkpointing drops the KV cache inside each layer while grad is on: share nothing then.
     flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
     checkpointing = model.training and torch.is_grad_enabled() and bool(getattr(model, flag, False))
-    S = shared_prefix(input_ids, attention_mask, completion_mask) if share_prefix and not checkpointing else 0
+    S = shared_prefix(input_ids, attention_mask, completion_mask) if share_prefix and not checkpointing and not plain_forwards_only(model) else 0
     if S >= MIN_SHARED:
         out, _ = forward_shared(model, input_ids, attention_mask, S, logits_to_keep=keep)
     else:

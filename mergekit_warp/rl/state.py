@@ -28,25 +28,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergekit_warp.io.publish import copy_support_files, publishing, write_provenance
+from mergekit_warp.rl.dist_state import copy_full_into, shard_optimizer_state
 
 
 def partial_dir(out: Path) -> Path:
     return Path(out).parent / f"{Path(out).name}.partial"
 
 
-def write_hf(model, tokenizer, src: str, folder: Path) -> None:
-    """Save `model` as an HF folder with the source's tokenizer files (unchanged when `src` is local)."""
+def write_hf(model, tokenizer, src: str, folder: Path, state_dict: dict | None = None) -> None:
+    """Save `model` as an HF folder with the source's tokenizer files (unchanged when `src` is local).
+    `state_dict`: the weights to write instead of the model's own (gathered from FSDP shards)."""
     if Path(src).is_dir():
         copy_support_files(Path(src), folder)
     else:
         tokenizer.save_pretrained(folder)
-    model.save_pretrained(folder)  # after the copy: config.json must describe the saved dtype
+    kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}  # HF pops from it: copy
+    model.save_pretrained(folder, **kwargs)  # after the copy: config.json must describe the saved dtype
 
 
-def write_checkpoint(model, tokenizer, src: str, folder: Path, step: int, params: dict) -> None:
+def write_checkpoint(
+    model, tokenizer, src: str, folder: Path, step: int, params: dict, state_dict: dict | None = None
+) -> None:
     """Publish checkpoints/step_K atomically (replacing one left by a run that died before its state)."""
     with publishing(folder, force=True) as tmp:
-        write_hf(model, tokenizer, src, tmp)
+        write_hf(model, tokenizer, src, tmp, state_dict)
         write_provenance(tmp, "warp-rl-checkpoint", {**params, "step": step}, {"init": src})
 
 
@@ -59,16 +64,17 @@ def save_state(
     step: int,
     policy: dict[str, torch.Tensor],
     anchor: dict[str, torch.Tensor] | None,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict,
 ) -> None:
-    """Write state.tmp/ completely, then swap it in: a crash leaves either the old or the new state."""
+    """Write state.tmp/ completely, then swap it in: a crash leaves either the old or the new state.
+    `optimizer`: the optimizer, or its state dict already gathered (`dist.optimizer_full_state`)."""
     tmp, cur, old = work / "state.tmp", work / "state", work / "state.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(_tensors(policy), tmp / "policy.safetensors")
     if anchor is not None:
         save_file(_tensors(anchor), tmp / "anchor.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "progress.json").write_text(json.dumps({"step": step, "time": time.time()}))
     if cur.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -96,14 +102,16 @@ def load_state(
     anchor: dict[str, torch.Tensor] | None,
     optimizer: torch.optim.Optimizer,
 ) -> int:
-    """Copy a saved state into the live tensors (in place) and return the step it was taken at."""
+    """Copy a saved state into the live tensors (in place) and return the step it was taken at.
+    Files hold full tensors; FSDP-sharded tensors take their own shard (any --nproc can resume)."""
     for named, f in ((policy, "policy"), (anchor, "anchor")):
         if named is None:
             continue
         saved = load_file(folder / f"{f}.safetensors")
         for k, v in named.items():
-            v.copy_(saved[k])
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+            copy_full_into(v, saved[k])
+    osd = torch.load(folder / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(shard_optimizer_state(optimizer, osd))
     return load_step(folder)
 
 
