@@ -97,17 +97,23 @@ def test_completion_mask_stops_after_eos(policy):
     torch.testing.assert_close(batch[:1], sequence_logprobs(model, ids, torch.ones_like(ids), cm), rtol=1e-5, atol=1e-4)
 
 
-def test_shared_prefix_forward_equals_plain(tmp_path):
-    """A system prompt common to all rows runs once; values and gradients match the plain forward."""
+def _chat_model(tmp_path):
+    """A tiny chat model and PROMPTS under a common system prompt (a prefix every row shares)."""
     from tiny import make_tiny_llama
-
-    from mergekit_warp.rl.rollout import shared_prefix
 
     folder = make_tiny_llama(tmp_path / "chat", seed=1, chat_template=True)
     model, tok = load_model(folder), load_tokenizer(folder)
     prompts = [tok.apply_chat_template([{"role": "system", "content": "you are a nice big dog"},
                                         {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                for p in PROMPTS]
+    return model, tok, prompts
+
+
+def test_shared_prefix_forward_equals_plain(tmp_path):
+    """A system prompt common to all rows runs once; values and gradients match the plain forward."""
+    from mergekit_warp.rl.rollout import shared_prefix
+
+    model, tok, prompts = _chat_model(tmp_path)
     r = generate(model, tok, prompts, max_new_tokens=8, temperature=0.9, generator_seed=2)
     r0 = generate(model, tok, prompts, max_new_tokens=8, temperature=0.9, generator_seed=2, share_prefix=False)
     assert torch.equal(r.input_ids, r0.input_ids)
@@ -125,13 +131,7 @@ def test_shared_prefix_forward_equals_plain(tmp_path):
 
 
 def test_shared_prefix_is_ignored_under_activation_checkpointing(tmp_path):
-    from tiny import make_tiny_llama
-
-    folder = make_tiny_llama(tmp_path / "chat", seed=1, chat_template=True)
-    model, tok = load_model(folder), load_tokenizer(folder)
-    prompts = [tok.apply_chat_template([{"role": "system", "content": "you are a nice big dog"},
-                                        {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-               for p in PROMPTS]
+    model, tok, prompts = _chat_model(tmp_path)
     r = generate(model, tok, prompts, max_new_tokens=6, temperature=1.0, generator_seed=2)
     plain = sequence_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask).detach()
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()

@@ -154,18 +154,12 @@ class Evaluator:
 
 
 def tensor_files(folder: Path) -> dict[str, Path]:
-    """Tensor name → the safetensors file holding it (single file or sharded with an index)."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-    single = folder / "model.safetensors"
-    if not single.is_file():
-        raise WarpError(f"{folder} has no model.safetensors (or index); pass an HF checkpoint folder")
-    from safetensors import safe_open
+    """Tensor name → the safetensors file holding it (single file or sharded with an index), read from
+    the validated headers (`io.reader`), as the merge engine reads them."""
+    from mergekit_warp.io.reader import read_header
+    from mergekit_warp.io.source import resolve_source
 
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
+    return {name: f for f in resolve_source(Path(folder)).files for name in read_header(f)}
 
 
 def evaluate(checkpoints: list[Path], init: Path, settings: EvalSettings) -> list[Score]:

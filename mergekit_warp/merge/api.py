@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mergekit_warp.devices import resolve_device
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.preflight import preflight
 from mergekit_warp.io.publish import check_output_path, publishing, write_provenance
@@ -24,7 +25,7 @@ from mergekit_warp.io.reader import CheckpointReader
 from mergekit_warp.io.source import resolve_source
 from mergekit_warp.io.writer import parse_size
 from mergekit_warp.merge import math as mmath
-from mergekit_warp.merge.engine import (CHUNK, Combine, Fetch, Progress, finish_folder, gram_pass, slerp_combine,
+from mergekit_warp.merge.engine import (CHUNK, Combine, Fetch, Progress, affine_combine, finish_folder, gram_pass,
                                         write_pass)
 from mergekit_warp.merge.plan import Schedule, check_granularity, count_layers, group_names, layer_index
 
@@ -41,16 +42,6 @@ def parse_dtype(dtype: str | None) -> torch.dtype | None:
     if dtype.lower() not in _DTYPES:
         raise WarpError(f"--dtype {dtype!r}: choose bf16, fp16 or fp32 (or leave it out to keep the init's dtype)")
     return _DTYPES[dtype.lower()]
-
-
-def parse_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise WarpError(f"--device {device!r}: not a device; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WarpError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
 
 
 def _open(specs: Sequence[PathLike], revision: str | None, stack: ExitStack) -> list[CheckpointReader]:
@@ -94,7 +85,7 @@ def slerp(models: list[PathLike], init: PathLike, out: PathLike, *, lam: float |
         raise WarpError(f"slerp needs at least two models, got {len(models)}; pass two or more checkpoints")
     check_granularity(granularity)
     sched = Schedule.build("--lambda", lam, lam_nonblock)
-    out_dtype, dev, shard = parse_dtype(dtype), parse_device(device), parse_size(max_shard_size)
+    out_dtype, dev, shard = parse_dtype(dtype), resolve_device(device), parse_size(max_shard_size)
     notes: list[str] = []
     if len(models) > 2:
         notes.append(f"{len(models)} models: iterative SLERP with λ = 1/k at step k (input order matters); "
@@ -123,7 +114,7 @@ def slerp(models: list[PathLike], init: PathLike, out: PathLike, *, lam: float |
         params = {"lambda": sched.record(), "lambda_nonblock": sched.nonblock, "granularity": granularity,
                   "models_as_given": [str(m) for m in models], "init_as_given": str(init),
                   **_common(dtype, max_shard_size, device, revision)}
-        return _run("slerp", readers, slerp_combine(weights), out, roles={"init": readers[0].source.path,
+        return _run("slerp", readers, affine_combine(weights), out, roles={"init": readers[0].source.path,
                     "models": [r.source.path for r in readers[1:]]}, params=params, notes=notes, dtype=out_dtype,
                     max_shard_size=shard, device=dev, force=force, bar=bar, chunk=chunk)
 
@@ -140,7 +131,7 @@ def lerp(models: list[PathLike], out: PathLike, *, weights: list[float] | None =
         raise WarpError(f"--weights has {len(w)} values for {len(models)} models; give one weight per model")
     if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
         raise WarpError(f"--weights {w}: each must be a finite number >= 0, not all zero")
-    out_dtype, dev, shard = parse_dtype(dtype), parse_device(device), parse_size(max_shard_size)
+    out_dtype, dev, shard = parse_dtype(dtype), resolve_device(device), parse_size(max_shard_size)
     notes = [] if abs(sum(w) - 1) < 1e-6 else [f"weights sum to {sum(w):g}, not 1: the result is rescaled"]
     with ExitStack() as stack:
         specs = ([init] if init is not None else []) + list(models)
@@ -148,7 +139,7 @@ def lerp(models: list[PathLike], out: PathLike, *, weights: list[float] | None =
         notes += preflight(readers)
         check_output_path(Path(out), [r.source.path for r in readers], force)
         if init is not None:
-            combine = slerp_combine(lambda name, fetch: torch.tensor(w, dtype=torch.float64))
+            combine = affine_combine(lambda name, fetch: torch.tensor(w, dtype=torch.float64))
         else:
             def combine(name: str, fetch: Fetch) -> Tensor:
                 acc = fetch(0).float().mul_(w[0])
@@ -173,7 +164,7 @@ def ema(checkpoints: list[PathLike], out: PathLike, *, mu: float = 0.01, dtype: 
         raise WarpError(f"ema needs at least two checkpoints in order, got {len(checkpoints)}")
     if not math.isfinite(mu) or not 0 < mu <= 1:
         raise WarpError(f"--mu {mu}: must be in (0, 1] (the paper uses 0.01)")
-    out_dtype, dev, shard = parse_dtype(dtype), parse_device(device), parse_size(max_shard_size)
+    out_dtype, dev, shard = parse_dtype(dtype), resolve_device(device), parse_size(max_shard_size)
 
     def combine(name: str, fetch: Fetch) -> Tensor:
         acc = fetch(0).float()
@@ -199,7 +190,7 @@ def liti(merged: PathLike, init: PathLike, out: PathLike, *, eta: float | list[f
     """LITI: (1 − η)·θ_init + η·θ_merged (η may be a per-layer list); η > 1 extrapolates. `init` is
     the iteration's init or θ_sft — both targets of the paper are this same call."""
     sched = Schedule.build("--eta", eta, eta_nonblock, low=0.0, high=None)
-    out_dtype, dev, shard = parse_dtype(dtype), parse_device(device), parse_size(max_shard_size)
+    out_dtype, dev, shard = parse_dtype(dtype), resolve_device(device), parse_size(max_shard_size)
     notes = []
     if max(*sched.values, sched.nonblock) > 1:
         notes.append("η > 1: extrapolation beyond the merged model (as ExPO); KL to the init grows past the merge's")
@@ -209,10 +200,8 @@ def liti(merged: PathLike, init: PathLike, out: PathLike, *, eta: float | list[f
         check_output_path(Path(out), [r.source.path for r in readers], force)
         n_layers = count_layers(readers[0].names)
 
-        def combine(name: str, fetch: Fetch) -> Tensor:
-            eta = sched.at(name, n_layers)
-            return fetch(0).float().mul_(1.0 - eta).add_(fetch(1), alpha=eta)  # mmath.liti, in place
-
+        # (1 − η)·θ_init + η·θ_merged = θ_init + η·(θ_merged − θ_init): mmath.liti, streamed
+        combine = affine_combine(lambda name, fetch: torch.tensor([sched.at(name, n_layers)], dtype=torch.float64))
         params = {"eta": sched.record(), "eta_nonblock": sched.nonblock, "merged_as_given": str(merged),
                   "init_as_given": str(init), **_common(dtype, max_shard_size, device, revision)}
         return _run("liti", readers, combine, out, roles={"init": readers[0].source.path,
@@ -231,7 +220,7 @@ def inspect(models: list[PathLike], init: PathLike, *, granularity: str = "block
         readers = _open([init, *models], revision, stack)
         preflight(readers)
         groups = group_names(readers[0].names, granularity)
-        grams = gram_pass(readers, groups, device=parse_device(device), chunk=chunk, progress=Progress(progress), full=True)
+        grams = gram_pass(readers, groups, device=resolve_device(device), chunk=chunk, progress=Progress(progress), full=True)
         rows = []
         for g, ns in groups.items():
             gd, gf = grams[g]["delta"], grams[g]["full"]

@@ -213,8 +213,9 @@ def finish_folder(folder: Path, support_from: Path | None, dtype: torch.dtype | 
     return copied
 
 
-def slerp_combine(weights: Callable[[str, Fetch], Tensor]) -> Combine:
-    """θ_0 + Σ c_m (θ_m − θ_0) = (1 − Σc)·θ_0 + Σ c_m θ_m with per-tensor weights c (M,) from `weights`.
+def affine_combine(weights: Callable[[str, Fetch], Tensor]) -> Combine:
+    """θ_0 + Σ c_m (θ_m − θ_0) = (1 − Σc)·θ_0 + Σ c_m θ_m with per-tensor weights c (M,) from `weights`:
+    SLERP (c from the group's angle), LERP of task vectors (c = w) and LITI (c = (η,)) are all this.
 
     The second form costs one fused upcast-multiply-add per input; in fp32 its rounding (≈ 6e-8·|θ|)
     is far below the output's (bf16: 4e-3·|θ|), and c = (1, 0, …) still returns θ_1 exactly."""

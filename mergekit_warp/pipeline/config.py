@@ -210,12 +210,13 @@ def load_config(path: Path, *, check_devices: bool = True) -> PipelineConfig:
         if p is not None and not p.is_file():
             raise WarpError(f"config {path}: {role} file {p} does not exist; fix the path (relative to the config)")
     if check_devices:
+        from mergekit_warp.devices import resolve_device
         from mergekit_warp.rl.launch import group_device
 
         for entry in cfg.devices:
             group = (entry,) if isinstance(entry, str) else entry
             for d in group:
-                check_device(d, f"config {path}: devices")
+                resolve_device(d, f"config {path}: devices")
             if len(group) > 1:
                 try:
                     group_device(group)
@@ -268,24 +269,3 @@ def _rel_spec(base: Path, spec: str) -> str:
     if not p.is_absolute() and (base / p).exists():
         return str(base / p) + sep + tail
     return spec
-
-
-def check_device(device: str, where: str) -> None:
-    """Refuse a device this machine does not have (cpu, cuda[:N], mps)."""
-    import torch
-
-    if device == "cpu":
-        return
-    kind, _, idx = device.partition(":")
-    if kind == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if idx and not idx.isdigit():
-            raise WarpError(f"{where}: '{device}' is not a device name; use cpu, cuda or cuda:N")
-        if n == 0 or (idx and int(idx) >= n):
-            raise WarpError(f"{where}: device '{device}' does not exist here ({n} CUDA device(s)); list existing devices or use [cpu]")
-        return
-    if kind == "mps" and not idx:
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise WarpError(f"{where}: device 'mps' is not available here; use [cpu]")
-        return
-    raise WarpError(f"{where}: '{device}' is not a device name; use cpu, cuda, cuda:N or mps")

@@ -15,7 +15,6 @@ atomically, so a kill at any point leaves either nothing or a finished folder at
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -278,14 +277,9 @@ def _guarded(manifest: Manifest, name: str, fn):
 
 def _rl_metrics(out: Path) -> dict[str, Any]:
     """Last logged step of an RL run (reward, KL, ...), for `warp pipeline status`."""
-    f = Path(out) / "metrics.jsonl"
-    if not f.is_file():
-        return {}
-    lines = [ln for ln in f.read_text().splitlines() if ln.strip()]
-    if not lines:
-        return {}
-    last = json.loads(lines[-1])
-    return {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    from mergekit_warp.pipeline.status import live_metrics
+
+    return {k: v for k, v in live_metrics(out).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _maybe_kill(name: str) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from mergekit_warp.devices import resolve_device
 from mergekit_warp.errors import WarpError
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -20,24 +21,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPE:
         raise WarpError(f"dtype {dtype!r}: use one of {', '.join(DTYPE)}")
     return DTYPE[dtype]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device that exists on this machine, or a WarpError naming the option."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise WarpError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise WarpError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise WarpError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise WarpError(f"--device {device}: MPS is not available on this machine; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise WarpError(f"--device {device}: unsupported device type; use cpu, cuda, cuda:N or mps")
-    return dev
 
 
 def _check_source(src: str | Path, what: str) -> str:

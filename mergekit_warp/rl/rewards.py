@@ -66,7 +66,7 @@ def reward_model(src: str, device: str = "cpu", batch: int = 16, prepare=None) -
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from mergekit_warp.rl.models import resolve_device
+    from mergekit_warp.devices import resolve_device
 
     dev = resolve_device(device)
     try:  # with `prepare` (FSDP sharding) the model is read into CPU memory and placed by it

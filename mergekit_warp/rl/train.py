@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mergekit_warp.devices import resolve_device
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.publish import check_output_path, publishing, write_provenance
 from mergekit_warp.rl import dist, dist_state
 from mergekit_warp.rl import state as st
 from mergekit_warp.rl.config import RESUMABLE_CHANGES, RLConfig, config_dict
 from mergekit_warp.rl.data import check_lengths, read_prompts
-from mergekit_warp.rl.models import load_model, load_tokenizer, model_context, resolve_device, resolve_dtype
+from mergekit_warp.rl.models import load_model, load_tokenizer, model_context, resolve_dtype
 from mergekit_warp.rl.objective import advantages, ema_update, lr_at, reinforce_loss, shaped_reward
 from mergekit_warp.rl.rewards import describe_reward, load_reward
 from mergekit_warp.rl.rollout import Rollout, generate, sequence_logprobs
