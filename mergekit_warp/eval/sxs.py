@@ -76,7 +76,7 @@ def summarize(margins: torch.Tensor, thresholds: tuple[float, float, float], see
 def load_judge(spec: str, device: str = "cpu", tokenizer=None) -> PairJudge:
     """A pairwise judge from `spec`: a three-argument callable is used as is; anything else is a
     pointwise reward (`warp rl --reward` spec) turned into r(A) − r(B)."""
-    from mergekit_warp.rl.rewards import _callable, load_reward
+    from mergekit_warp.rl.rewards import _callable, load_reward, validated
 
     if ":" in spec and not Path(spec).is_dir():
         fn = _callable(spec)
@@ -95,7 +95,9 @@ def load_judge(spec: str, device: str = "cpu", tokenizer=None) -> PairJudge:
                 return out
 
             return pair
-    reward = load_reward(spec, device=device, tokenizer=tokenizer)
+        reward = validated(fn, spec, tokenizer=tokenizer)  # what load_reward does, without importing it again
+    else:
+        reward = load_reward(spec, device=device, tokenizer=tokenizer)
 
     def pointwise(prompts: list[str], a: list[str], b: list[str]) -> list[float]:
         return [x - y for x, y in zip(reward(prompts, a), reward(prompts, b))]
