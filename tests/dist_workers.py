@@ -82,7 +82,7 @@ def make_reward_model(folder: Path) -> Path:
 
 def core_checks(rank: int, world: int, out: str, rm: str) -> None:
     from mergekit_warp.rl import dist
-    from mergekit_warp.rl.rewards import reward_model
+    from mergekit_warp.lm.rewards import reward_model
 
     info = dist.init_distributed("cpu")
     res: dict = {"info": (info.rank, info.world_size, info.local_rank, info.device)}

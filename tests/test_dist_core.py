@@ -158,7 +158,7 @@ def test_fsdp_full_state_dict_round_trip_and_step(two_ranks):
 
 
 def test_fsdp_sharded_reward_model_scores_like_unsharded(two_ranks):
-    from mergekit_warp.rl.rewards import reward_model
+    from mergekit_warp.lm.rewards import reward_model
 
     r0, r1, out = two_ranks
     assert r0["rm_sharded"] and r1["rm_sharded"]

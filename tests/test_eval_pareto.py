@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from mergekit_warp.cli import app
 from mergekit_warp.eval.pareto import front_gap
-from mergekit_warp.eval.score import EvalSettings, Evaluator, mean_se
+from mergekit_warp.eval.score import Evaluator
+from mergekit_warp.eval.settings import EvalSettings
+from mergekit_warp.lm.heldout import mean_se
 from mergekit_warp.pipeline.manifest import Manifest
 from pipeline_fixtures import TOY_REWARD, pipe_init, reference_run  # noqa: F401  (fixtures)
 
@@ -24,8 +26,8 @@ def _rows(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _settings(run: Path, reward: str = f"{TOY_REWARD}:words") -> EvalSettings:
-    return EvalSettings(prompts=run.parent / "heldout.jsonl", reward=reward, max_new_tokens=6, samples_per_prompt=2)
+def _evaluator(sft: Path, run: Path, reward: str = f"{TOY_REWARD}:words") -> Evaluator:
+    return Evaluator(sft, run.parent / "heldout.jsonl", reward, EvalSettings(max_new_tokens=6, samples_per_prompt=2))
 
 
 def test_pipeline_wrote_pareto_files(reference_run):
@@ -46,7 +48,7 @@ def test_sweep_endpoints(reference_run):
     """η=0 toward θ_sft is θ_sft (KL ≈ 0); η=1 reproduces the SLERP checkpoint's numbers; KL grows in between."""
     sft = Path(Manifest.load(reference_run).config["init"])
     slerp = reference_run / "iter_1" / "slerp"
-    ev = Evaluator(sft, _settings(reference_run))
+    ev = _evaluator(sft, reference_run)
     ev.load_liti(sft, slerp, 0.0)
     s0 = ev.score("eta0")
     ev.load_folder(sft)
@@ -72,12 +74,12 @@ def test_kl_matches_manual_estimate(reference_run):
     """KL = mean over samples of Σ_t log π_τ − log π_sft,τ, recomputed here with plain transformers."""
     from transformers import AutoModelForCausalLM
 
-    from mergekit_warp.rl.rollout import generate
+    from mergekit_warp.lm.sampling import generate
 
     sft = Path(Manifest.load(reference_run).config["init"])
     run1 = reference_run / "iter_1" / "run_1"
-    st = _settings(reference_run)
-    ev = Evaluator(sft, st)
+    ev = _evaluator(sft, reference_run)
+    st = ev.s
     ev.load_folder(run1)
     got = ev.score("run1")
     pi, ref = AutoModelForCausalLM.from_pretrained(run1), AutoModelForCausalLM.from_pretrained(sft)

@@ -28,11 +28,15 @@ def test_cache_root(monkeypatch, tmp_path):
     assert assets.cache_root().parts[-2:] == (".cache", "mergekit-warp")
 
 
-def test_resolve_model_paths(tmp_path):
-    (tmp_path / "m").mkdir()
-    assert assets.resolve_model("m", base=tmp_path) == tmp_path / "m"
+def test_every_command_resolves_the_builtin_name(tmp_path, monkeypatch, tiny_init):
+    """The builtin name is a checkpoint spec like any other: merges, RL and eval resolve it alike."""
+    from mergekit_warp.io.source import resolve_source
+    from mergekit_warp.lm.models import model_folder
+
+    monkeypatch.setattr(assets, "smollm2_folder", lambda: tiny_init)
+    assert resolve_source(assets.SMOLLM2).path == tiny_init and model_folder(assets.SMOLLM2) == tiny_init
     with pytest.raises(WarpError, match="org/some-model"):  # a hub id: offline (conftest) and not cached
-        assets.resolve_model("org/some-model")
+        resolve_source("org/some-model")
 
 
 def _has_wheel() -> bool:

@@ -106,11 +106,11 @@ def test_demo_config_is_valid():
 
 
 def test_gpu_example_is_valid():
-    from mergekit_warp.pipeline.run import _check_rl_configs
+    from mergekit_warp.pipeline.run import rl_configs
 
     path = Path(__file__).parents[1] / "examples" / "gpu.yaml"
     cfg = load_config(path, check_devices=False)
-    _check_rl_configs(path, cfg)  # every run's RLConfig builds (types and ranges)
+    assert len(rl_configs(cfg)) == cfg.runs  # every run's RLConfig builds (types and ranges)
     assert cfg.parallel and cfg.rl_options(2)["length_penalty"] == 0.0005 and 1.5 in cfg.eval.etas
 
 

@@ -7,8 +7,8 @@ import torch
 from tiny import make_tokenizer, tiny_config
 
 from mergekit_warp.errors import WarpError
-from mergekit_warp.rl.data import load_prompts, read_prompts
-from mergekit_warp.rl.rewards import load_reward
+from mergekit_warp.lm.prompts import load_prompts, read_prompts
+from mergekit_warp.lm.rewards import load_reward
 
 
 def _write(path, lines):
@@ -95,7 +95,7 @@ def test_reward_specs(tmp_path, monkeypatch):
         load_reward("no_such_module_xyz:f")
     with pytest.raises(WarpError, match="does not exist"):
         load_reward(f"{tmp_path / 'nope.py'}:f")
-    with pytest.raises(WarpError, match="not an HF model folder"):
+    with pytest.raises(WarpError, match="name the function"):
         load_reward(str(tmp_path / "rew.py"))
 
 

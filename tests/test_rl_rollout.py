@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mergekit_warp.rl.models import load_model, load_tokenizer
-from mergekit_warp.rl.rollout import generate, sequence_logprobs
+from mergekit_warp.lm.models import load_model, load_tokenizer
+from mergekit_warp.lm.sampling import generate, sequence_logprobs
 
 PROMPTS = ["the cat is", "hello", "i love this movie very much and the film was"]
 
@@ -111,7 +111,7 @@ def _chat_model(tmp_path):
 
 def test_shared_prefix_forward_equals_plain(tmp_path):
     """A system prompt common to all rows runs once; values and gradients match the plain forward."""
-    from mergekit_warp.rl.rollout import shared_prefix
+    from mergekit_warp.lm.sampling import shared_prefix
 
     model, tok, prompts = _chat_model(tmp_path)
     r = generate(model, tok, prompts, max_new_tokens=8, temperature=0.9, generator_seed=2)

@@ -93,8 +93,8 @@ def test_huge_beta_stays_near_anchor(learned, stiff, tiny_init):
     # independent KL estimate on fresh samples: plain forwards of the saved policy and the init
     from transformers import AutoModelForCausalLM
 
-    from mergekit_warp.rl.models import load_tokenizer
-    from mergekit_warp.rl.rollout import generate
+    from mergekit_warp.lm.models import load_tokenizer
+    from mergekit_warp.lm.sampling import generate
 
     tok = load_tokenizer(tiny_init)
     init = AutoModelForCausalLM.from_pretrained(tiny_init).eval()
@@ -180,7 +180,7 @@ def test_resume_is_bit_identical(tiny_init, files, tmp_path, monkeypatch):
     assert len(metrics(partial)) == 4
     with pytest.raises(WarpError, match="--resume to continue"):
         train(cfg(tiny_init, files, out, **kw))
-    with pytest.raises(WarpError, match="options beta differ"):
+    with pytest.raises(WarpError, match="options --beta differ"):
         train(cfg(tiny_init, files, out, resume=True, beta=0.5, **kw))
     monkeypatch.delenv("WARP_TEST_FAIL_AT")
     train(cfg(tiny_init, files, out, resume=True, **kw))
@@ -211,7 +211,7 @@ BAD = {
     "empty": (["--prompts", "{empty}"], r"holds no prompts"),
     "too long": (["--prompts", "{long}"], r"long.jsonl:1: prompt of 125 tokens .* exceeds the model context of 128"),
     "missing": (["--reward", "{toy}:missing"], r"has no callable missing"),
-    "raises": (["--reward", "{toy}:boom"], r"toy.py:boom raised ValueError: no reward today .*at step 1; no state"),
+    "raises": (["--reward", "{toy}:boom"], r"toy.py:boom raised ValueError: no reward today .*at step 1; nothing was saved"),
     "wrong length": (["--reward", "{toy}:short"], r"returned 1 values for 8 completions"),
     "nan": (["--reward", "{toy}:nan"], r"returned NaN/inf"),
     "two labels": (["--reward", "{rm2}"], r"has 2 labels"),
@@ -220,8 +220,8 @@ BAD = {
     "device name": (["--device", "tpu"], r"--device 'tpu'|--device tpu"),
     "rloo k=1": (["--samples-per-prompt", "1"], r"rloo needs --samples-per-prompt"),
     "anchor": (["--anchor", "soup"], r"--anchor 'soup'"),
-    "exists": (["-o", "{files}"], r"already exists"),
-    "no model": (["--model", "{files}/nope/"], r"not an HF model folder"),
+    "exists": (["-o", "{files}"], r"contains the input .*p.jsonl"),
+    "no model": (["--model", "{files}/nope/"], r"nope/?: no such file or folder"),
 }
 
 
@@ -302,8 +302,6 @@ def test_sigkill_then_resume_matches(tiny_init, files, tmp_path):
 
 
 def test_cli_maps_options_to_rlconfig(monkeypatch, tmp_path):
-    import dataclasses
-
     import mergekit_warp.rl.train as rl_train
 
     seen = {}
@@ -315,11 +313,11 @@ def test_cli_maps_options_to_rlconfig(monkeypatch, tmp_path):
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 0, res.output
     c = seen["cfg"]
-    expected = {**{f.name: f.default for f in dataclasses.fields(RLConfig) if f.default is not dataclasses.MISSING},
+    expected = {**{k: f.default for k, f in RLConfig.model_fields.items() if not f.is_required()},
                 "model": "m", "reward": "r:f", "beta": 0.5, "mu": 0.2, "anchor": "init", "batch_size": 6,
                 "samples_per_prompt": 3, "baseline": "mean", "micro_batch": 9, "kl_to_init": False, "threads": 1,
                 "eval_every": 5, "grad_checkpointing": True, "dtype": "bf16", "resume": True}
-    got = dataclasses.asdict(c)
+    got = dict(c)
     assert str(got.pop("prompts")) == "p.jsonl" and str(got.pop("eval_prompts")) == "e.jsonl"
     assert got.pop("out") == tmp_path / "o"
     assert got == {k: v for k, v in expected.items() if k not in ("prompts", "eval_prompts", "out")}

@@ -22,4 +22,31 @@ eval_cli.register(app)
 
 
 def main() -> None:
-    app()
+    """`warp`: usage errors in one line (exit 2), SIGTERM unwinds like Ctrl-C (temporary folders are
+    removed), and a `warp rl` started by a pipeline worker dies with it."""
+    import os
+    import signal
+    import sys
+
+    from mergekit_warp.rl.launch import DIE_WITH_PARENT, die_with_parent, under_torchrun
+
+    if os.environ.pop(DIE_WITH_PARENT, None):
+        die_with_parent()
+    if not under_torchrun():  # torchrun stops its workers with SIGTERM: let them die quietly
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:
+        if not hasattr(e, "format_message"):  # not click's (typer's) own usage/parameter error
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print(f"error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -1,4 +1,5 @@
-"""`warp eval`: score checkpoints (the default), `warp eval pareto RUN_DIR`, `warp eval sxs A B`."""
+"""`warp eval`: score checkpoints (the default), `warp eval pareto RUN_DIR`, `warp eval sxs A B`. The
+sampling options of `score` and `sxs` are generated from `EvalSettings`, shared with the pipeline."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from mergekit_warp.cli.common import user_errors
-from mergekit_warp.cli.pipeline import quiet_transformers
+from mergekit_warp.cli.common import options_from, user_errors, with_parameters
+from mergekit_warp.errors import WarpError
+from mergekit_warp.eval.settings import EvalSettings
 
 
 class _ScoreByDefault(TyperGroup):
@@ -23,12 +25,16 @@ class _ScoreByDefault(TyperGroup):
 
 
 def _floats(text: str, option: str) -> list[float]:
-    from mergekit_warp.errors import WarpError
-
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise WarpError(f"{option} {text!r}: give comma-separated numbers, e.g. 0,0.3,1") from None
+
+
+def _param(name: str, annotation, default) -> "inspect.Parameter":
+    import inspect
+
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
 def register(app: typer.Typer) -> None:
@@ -36,36 +42,31 @@ def register(app: typer.Typer) -> None:
     ev = typer.Typer(cls=_ScoreByDefault, no_args_is_help=True,
                      help="Evaluate policies: `warp eval CKPT… --init SFT --prompts P --reward R` (reward and KL), "
                           "`warp eval pareto RUN_DIR`, `warp eval sxs A B`.")
+    sampling = options_from(EvalSettings)
 
-    @ev.command("score")
-    def score_cmd(
-        checkpoints: list[Path] = typer.Argument(..., help="Policy folders to score."),
-        init: Path = typer.Option(..., "--init", help="θ_sft: the reference of KL(π‖π_sft)."),
-        prompts: Path = typer.Option(..., "--prompts", help="Held-out prompts (JSONL)."),
-        reward: str = typer.Option(..., "--reward", help="Reward spec, as for `warp rl --reward`."),
-        out: Path = typer.Option(Path("warp_eval"), "-o", "--out", help="Writes OUT.csv and OUT.json."),
-        samples_per_prompt: int = typer.Option(2, min=1, help="Completions per prompt and checkpoint."),
-        max_new_tokens: int = typer.Option(64, min=1),
-        temperature: float = typer.Option(0.9, min=1e-6, help="Sampling temperature (KL uses the same)."),
-        length_penalty: float = typer.Option(0.0, min=0.0, help="Subtracted per completion token, as in `warp rl`."),
-        max_prompts: Optional[int] = typer.Option(None, min=1, help="Use only the first N prompts."),
-        seed: int = typer.Option(1234, help="Sampling seed (the same for every checkpoint)."),
-        device: str = typer.Option("cpu"),
-    ) -> None:
+    def score_cmd(**o) -> None:
         """Mean reward and KL(π‖π_sft) with standard errors for each CHECKPOINT: a table, CSV and JSON."""
         from rich.console import Console
 
-        from mergekit_warp.eval.score import EvalSettings, evaluate, scores_table, write_scores
+        from mergekit_warp.eval.score import check_output, evaluate, scores_table, write_scores
 
-        quiet_transformers()
         with user_errors():
-            settings = EvalSettings(prompts=prompts, reward=reward, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    samples_per_prompt=samples_per_prompt, max_prompts=max_prompts,
-                                    length_penalty=length_penalty, seed=seed, device=device)
-            scores = evaluate(checkpoints, init, settings)
-            paths = write_scores(scores, out)
+            check_output(o["out"])  # before any model is loaded: a bad -o must not cost a whole evaluation
+            settings = EvalSettings(**{k: o[k] for k in EvalSettings.model_fields})
+            scores = evaluate(o["checkpoints"], o["init"], o["prompts"], o["reward"], settings, o["device"])
+            paths = write_scores(scores, o["out"])
         Console(stderr=True).print(scores_table(scores))
         print("\n".join(map(str, paths)))
+
+    ev.command("score")(with_parameters(score_cmd, [
+        _param("checkpoints", list[Path], typer.Argument(..., help="Policy folders to score.")),
+        _param("init", Path, typer.Option(..., "--init", help="θ_sft: the reference of KL(π‖π_sft).")),
+        _param("prompts", Path, typer.Option(..., "--prompts", help="Held-out prompts (JSONL).")),
+        _param("reward", str, typer.Option(..., "--reward", help="Reward spec, as for `warp rl --reward`.")),
+        _param("out", Path, typer.Option(Path("warp_eval"), "-o", "--out", help="Writes OUT.csv and OUT.json.")),
+        _param("device", str, typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")),
+        *sampling,
+    ]))
 
     @ev.command("pareto")
     def pareto_cmd(
@@ -76,38 +77,36 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, help="Default: the config's first device."),
     ) -> None:
         """KL–reward front of every iteration (RL runs, SLERP, LITI sweep): pareto.csv, pareto.png, summary."""
-        from mergekit_warp.eval.pareto import pareto
+        from mergekit_warp.pipeline.run import evaluate_run
 
-        quiet_transformers()
         with user_errors():
-            result = pareto(run_dir, etas=_floats(etas, "--etas") if etas else None, out=out, force=force, device=device)
+            result = evaluate_run(run_dir, etas=_floats(etas, "--etas") if etas else None, out=out, force=force,
+                                  device=device)
         print(result.summary)
         print(result.csv)
         print(result.png)
 
-    @ev.command("sxs")
-    def sxs_cmd(
-        a: Path = typer.Argument(..., help="Policy A (positive scores favour A)."),
-        b: Path = typer.Argument(..., help="Policy B."),
-        prompts: Path = typer.Option(..., "--prompts"),
-        judge: str = typer.Option(..., "--judge", help="Reward spec (pointwise: r(A)−r(B)) or a 3-argument callable f(prompts, a, b)."),
-        thresholds: str = typer.Option("0.05,0.25,0.5", help="Margins for slightly better / better / much better (±0.5/±1/±1.5)."),
-        samples_per_prompt: int = typer.Option(1, min=1),
-        max_new_tokens: int = typer.Option(64, min=1),
-        temperature: float = typer.Option(0.9, min=1e-6),
-        max_prompts: Optional[int] = typer.Option(None, min=1),
-        seed: int = typer.Option(0),
-        device: str = typer.Option("cpu"),
-    ) -> None:
+    def sxs_cmd(**o) -> None:
         """Side-by-side: mean score in [−1.5, 1.5] with a bootstrap 95% interval and win/tie/loss counts."""
         from mergekit_warp.eval.sxs import sxs
 
-        quiet_transformers()
         with user_errors():
-            r = sxs(a, b, prompts, judge, thresholds=tuple(_floats(thresholds, "--thresholds")),
-                    samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                    seed=seed, max_prompts=max_prompts, device=device)
-        print(f"SxS {a} vs {b}: {r.mean:+.3f}  95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  "
+            settings = EvalSettings(**{k: o[k] for k in EvalSettings.model_fields})
+            r = sxs(o["a"], o["b"], o["prompts"], o["judge"], settings,
+                    thresholds=tuple(_floats(o["thresholds"], "--thresholds")), device=o["device"])
+        print(f"SxS {o['a']} vs {o['b']}: {r.mean:+.3f}  95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  "
               f"win/tie/loss {r.wins}/{r.ties}/{r.losses}  (n={r.n}, thresholds {r.thresholds})")
+
+    ev.command("sxs")(with_parameters(sxs_cmd, [
+        _param("a", Path, typer.Argument(..., help="Policy A (positive scores favour A).")),
+        _param("b", Path, typer.Argument(..., help="Policy B.")),
+        _param("prompts", Path, typer.Option(..., "--prompts", help="Prompts (JSONL).")),
+        _param("judge", str, typer.Option(..., "--judge", help="Reward spec (pointwise: r(A)−r(B)) or a 3-argument "
+                                                              "callable f(prompts, a, b) returning margins.")),
+        _param("thresholds", str, typer.Option("0.05,0.25,0.5", help="Margins for slightly better / better / much "
+                                                                     "better (±0.5/±1/±1.5).")),
+        _param("device", str, typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")),
+        *sampling,
+    ]))
 
     app.add_typer(ev, name="eval")

@@ -10,13 +10,6 @@ import typer
 from mergekit_warp.cli.common import user_errors
 
 
-def quiet_transformers() -> None:
-    """No per-checkpoint 'Loading weights' bars from transformers: the pipeline loads dozens."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def register(app: typer.Typer) -> None:
     """Add `warp pipeline run` and `warp pipeline status` to the top-level app."""
     pipe = typer.Typer(help="The WARP loop: M RL runs → SLERP → LITI, for I iterations, then the Pareto evaluation.",
@@ -32,7 +25,6 @@ def register(app: typer.Typer) -> None:
         """Run the WARP pipeline of CONFIG; print the Pareto summary and the final policy's path."""
         from mergekit_warp.pipeline.run import run_pipeline
 
-        quiet_transformers()
         with user_errors():
             result = run_pipeline(config, out, resume=resume, progress=not quiet)
         if result.summary:

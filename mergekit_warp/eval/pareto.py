@@ -1,11 +1,11 @@
-"""The KL–reward Pareto front of a pipeline run (the paper's figures 1 and 4).
+"""The KL–reward Pareto front of WARP iterations (the paper's figures 1 and 4).
 
 For each iteration i: its M RL runs, its SLERP merge, and the LITI sweep
-θ(η) = (1 − η)·θ_target + η·θ_slerp_i for η in the config's `eval.etas` (target θ_sft by default, as
-in the paper's fronts; η > 1 extrapolates). Also θ_sft, each iteration's init and `final/`. Each
-point's reward and KL(π‖π_sft) come from `score.Evaluator` on the held-out prompts; interpolated
-checkpoints exist only in memory. Writes `eval/pareto.csv`, `eval/pareto.png`, `eval/summary.txt`
-and `eval/summary.json`.
+θ(η) = (1 − η)·θ_target + η·θ_slerp_i for η in `etas` (target θ_sft by default, as in the paper's
+fronts; η > 1 extrapolates). Also θ_sft, each iteration's init and the final output. Each point's
+reward and KL(π‖π_sft) come from `score.Evaluator` on the held-out prompts; interpolated checkpoints
+exist only in memory. The caller lists the checkpoints (`Iteration`); the pipeline builds that list
+from its run folder.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ from typing import Any
 import numpy as np
 
 from mergekit_warp.errors import WarpError
-from mergekit_warp.eval.score import EvalSettings, Evaluator, Score
+from mergekit_warp.eval.score import Evaluator, Score
+from mergekit_warp.eval.settings import EvalSettings
+from mergekit_warp.io.atomic import claim, staged
+from mergekit_warp.io.publish import check_output_path
+from mergekit_warp.progress import Log
 
 
 @dataclass(frozen=True)
@@ -43,46 +47,36 @@ class ParetoResult:
     png: Path
     summary: str
     headline: dict[str, Any]
-    """Key figures of the summary (also in summary.json and the manifest)."""
+    """Key figures of the summary (also in summary.json)."""
 
 
-def pareto(run_dir: Path, *, etas: list[float] | None = None, out: Path | None = None, force: bool = False,
-           device: str | None = None, progress: bool = True) -> ParetoResult:
-    """Evaluate the front of every finished iteration of pipeline run `run_dir`."""
-    from mergekit_warp.assets import resolve_model
-    from mergekit_warp.pipeline.config import PipelineConfig
-    from mergekit_warp.pipeline.manifest import MANIFEST
+@dataclass(frozen=True)
+class Iteration:
+    """The checkpoints of one WARP iteration, as the caller (the pipeline) laid them out."""
 
-    run_dir = Path(run_dir)
-    if not (run_dir / MANIFEST).is_file():
-        raise WarpError(f"{run_dir} is not a pipeline run folder (no {MANIFEST}); pass the -o folder of `warp pipeline run`")
-    cfg = PipelineConfig.model_validate(json.loads((run_dir / MANIFEST).read_text())["config"])
-    out = Path(out) if out is not None else run_dir / "eval"
-    if out.exists() and any(out.iterdir()) and not force:
-        raise WarpError(f"{out} already exists; pass --force to overwrite it")
-    if etas is not None and any(e < 0 for e in etas):
+    index: int
+    init: Path
+    """The iteration's init (θ_sft for the first)."""
+    runs: list[Path]
+    merged: Path
+    """The SLERP of the runs (the run itself when there is one)."""
+    final: Path | None = None
+    """The pipeline's output, when this is the last iteration and it exists."""
+
+
+def pareto(sft: Path, iterations: list[Iteration], prompts: Path, reward: str, settings: EvalSettings, out: Path, *,
+           etas: list[float], target: str = "sft", force: bool = False, device: str = "cpu", progress: bool = True,
+           title: str = "WARP Pareto front") -> ParetoResult:
+    """Score θ_sft, and per iteration its init, RL runs, merge, the LITI sweep
+    (1 − η)·θ_target + η·θ_merged for each η (`target` 'sft' or 'init'), and the final output; write
+    `out/` (pareto.csv, pareto.png, summary.txt, summary.json) atomically."""
+    if any(e < 0 for e in etas):
         raise WarpError(f"--etas {etas}: η values must be ≥ 0")
-    e_cfg = cfg.eval
-    etas = sorted(set(etas if etas is not None else e_cfg.etas))
-    settings = EvalSettings(
-        prompts=cfg.prompts.heldout or cfg.prompts.train,
-        reward=cfg.reward,
-        max_new_tokens=e_cfg.max_new_tokens or _rl_option(cfg, "max_new_tokens"),
-        temperature=e_cfg.temperature or _rl_option(cfg, "temperature"),
-        samples_per_prompt=e_cfg.samples_per_prompt,
-        max_prompts=e_cfg.max_prompts,
-        length_penalty=e_cfg.length_penalty if e_cfg.length_penalty is not None else _rl_option(cfg, "length_penalty"),
-        batch_size=e_cfg.batch_size,
-        seed=e_cfg.seed,
-        device=device or cfg.eval_device,
-    )
-    sft = resolve_model(cfg.init)
-    iters = _finished_iterations(run_dir, cfg.runs, cfg.iterations)
-    if not iters:
-        raise WarpError(f"{run_dir}: no iteration has finished its RL runs and merge yet; nothing to evaluate")
-
-    ev = Evaluator(sft, settings)
-    say = _say(progress)
+    if not iterations:
+        raise WarpError("no iteration has finished its RL runs and merge yet; nothing to evaluate")
+    out = check_output_path(Path(out), [], force)
+    ev = Evaluator(sft, prompts, reward, settings, device)
+    say = Log(progress)
     cache: dict[tuple, Score] = {}
 
     def at(name: str, target: Path, merged: Path, eta: float) -> Score:
@@ -97,55 +91,32 @@ def pareto(run_dir: Path, *, etas: list[float] | None = None, out: Path | None =
         return Score(**{**asdict(s), "name": name})
 
     points = [Point(0, "sft", None, at("sft", sft, sft, 0.0))]
-    init = sft
-    for i, (runs, merged) in iters.items():
+    for it in iterations:
+        i = it.index
         say(f"iteration {i}")
         if i > 1:
-            points.append(Point(i, "init", None, at(f"iter_{i}/init", init, init, 0.0)))
-        for m, r in enumerate(runs, 1):
+            points.append(Point(i, "init", None, at(f"iter_{i}/init", it.init, it.init, 0.0)))
+        for m, r in enumerate(it.runs, 1):
             points.append(Point(i, "rl", None, at(f"iter_{i}/run_{m}", r, r, 1.0)))
-        points.append(Point(i, "slerp", None, at(f"iter_{i}/slerp", merged, merged, 1.0)))
-        target = sft if e_cfg.target == "sft" else init
-        for eta in etas:
-            points.append(Point(i, "liti", eta, at(f"iter_{i}/liti(eta={eta:g})", target, merged, eta)))
-        nxt = run_dir / ("final" if i == cfg.iterations else f"iter_{i}/liti")
-        if nxt.is_dir():
-            if i == cfg.iterations:
-                points.append(Point(i, "final", None, at("final", nxt, nxt, 1.0)))
-            init = nxt
+        points.append(Point(i, "slerp", None, at(f"iter_{i}/slerp", it.merged, it.merged, 1.0)))
+        toward = sft if target == "sft" else it.init
+        for eta in sorted(set(etas)):
+            points.append(Point(i, "liti", eta, at(f"iter_{i}/liti(eta={eta:g})", toward, it.merged, eta)))
+        if it.final is not None:
+            points.append(Point(i, "final", None, at("final", it.final, it.final, 1.0)))
 
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / "pareto.csv", out / "pareto.png"
-    with open(csv_path, "w", newline="") as f:
-        rows = [p.row() for p in points]
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    headline, summary = summarize(points, settings)
-    plot(points, png_path, title=f"WARP Pareto front ({Path(cfg.init).name}, reward: {Path(cfg.reward).name})")
-    (out / "summary.txt").write_text(summary + "\n")
-    (out / "summary.json").write_text(json.dumps(headline, indent=2) + "\n")
-    return ParetoResult(points=points, csv=csv_path, png=png_path, summary=summary, headline=headline)
-
-
-def _rl_option(cfg, name: str):
-    """An option of the config's shared RL section, else RLConfig's default for it."""
-    from mergekit_warp.rl.config import RLConfig
-
-    return cfg.rl.get(name, RLConfig.__dataclass_fields__[name].default)
-
-
-def _finished_iterations(run_dir: Path, runs: int, iterations: int) -> dict[int, tuple[list[Path], Path]]:
-    """Iteration → (RL run folders, merge folder) for iterations whose outputs all exist."""
-    found = {}
-    for i in range(1, iterations + 1):
-        it = run_dir / f"iter_{i}"
-        rl = [it / f"run_{m}" for m in range(1, runs + 1)]
-        merged = rl[0] if runs == 1 else it / "slerp"
-        if not all((p / "config.json").is_file() for p in [*rl, merged]):
-            break
-        found[i] = (rl, merged)
-    return found
+    headline, summary = summarize(points, ev.s, reward)
+    with claim(out), staged(out, replace=True) as tmp:
+        with open(tmp / "pareto.csv", "w", newline="") as f:
+            rows = [p.row() for p in points]
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        plot(points, tmp / "pareto.png", title=title)
+        (tmp / "summary.txt").write_text(summary + "\n")
+        (tmp / "summary.json").write_text(json.dumps(headline, indent=2) + "\n")
+    return ParetoResult(points=points, csv=out / "pareto.csv", png=out / "pareto.png", summary=summary,
+                        headline=headline)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,13 +139,13 @@ def front_gap(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
     return float(np.mean(np.interp(grid, *b) - np.interp(grid, *a))), float(lo), float(hi)
 
 
-def summarize(points: list[Point], settings: EvalSettings) -> tuple[dict[str, Any], str]:
+def summarize(points: list[Point], settings: EvalSettings, reward: str) -> tuple[dict[str, Any], str]:
     """The figures behind WARP's two promises, each marked yes / NO / within noise (±1 s.e.)."""
     sft = next(p.score for p in points if p.kind == "sft")
     iters = sorted({p.iteration for p in points if p.iteration > 0})
     lines = [
         f"WARP Pareto summary — held-out: {sft.n} completions ({settings.samples_per_prompt} per prompt), "
-        f"reward: {settings.reward}" + (f" − {settings.length_penalty:g}·tokens" if settings.length_penalty else "")
+        f"reward: {reward}" + (f" − {settings.length_penalty:g}·tokens" if settings.length_penalty else "")
         + ", KL = Σ_tokens log π/π_sft (mean ± s.e.)",
         f"  SFT (init)   reward {sft.reward:+.4f} ± {sft.reward_se:.4f}",
     ]
@@ -283,13 +254,3 @@ def plot(points: list[Point], path: Path, title: str = "WARP Pareto front") -> P
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
-
-
-def _say(enabled: bool):
-    import sys
-
-    def say(msg: str) -> None:
-        if enabled:
-            print(msg, file=sys.stderr, flush=True)
-
-    return say

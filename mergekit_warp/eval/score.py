@@ -13,16 +13,20 @@ as a LITI interpolation built tensor by tensor (nothing is written to disk).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from mergekit_warp.errors import WarpError
+from mergekit_warp.eval.settings import EvalSettings
+from mergekit_warp.io.reader import CheckpointReader
+from mergekit_warp.io.source import resolve_source
+from mergekit_warp.lm.heldout import mean_se, sample_and_score
 
 
 @dataclass(frozen=True)
@@ -40,50 +44,25 @@ class Score:
     path: str = ""
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    prompts: Path
-    """Held-out prompts (JSONL, as for `warp rl`)."""
-    reward: str
-    """Reward spec, as for `warp rl --reward`."""
-    max_new_tokens: int = 64
-    temperature: float = 0.9
-    samples_per_prompt: int = 2
-    max_prompts: int | None = None
-    length_penalty: float = 0.0
-    batch_size: int = 32
-    seed: int = 1234
-    device: str = "cpu"
-    dtype: str = "fp32"
-
-
-def mean_se(xs: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample std / √n; 0 for n = 1)."""
-    xs = xs.double()
-    n = xs.numel()
-    se = xs.std(unbiased=True).item() / math.sqrt(n) if n > 1 else 0.0
-    return xs.mean().item(), se
-
-
 class Evaluator:
-    """Scores checkpoints that share θ_sft's architecture against θ_sft."""
+    """Scores checkpoints that share θ_sft's architecture against θ_sft, on held-out `prompts` with
+    `reward` (any `warp rl --reward` spec)."""
 
-    def __init__(self, sft: Path, settings: EvalSettings):
-        from mergekit_warp.rl.data import load_prompts
-        from mergekit_warp.rl.models import load_model, load_tokenizer
-        from mergekit_warp.rl.rewards import load_reward
+    def __init__(self, sft: str | Path, prompts: Path, reward: str, settings: EvalSettings | None = None,
+                 device: str = "cpu"):
+        from mergekit_warp.lm.models import load_model, load_tokenizer
+        from mergekit_warp.lm.prompts import load_prompts
+        from mergekit_warp.lm.rewards import load_reward
 
-        self.s = settings
+        self.s = s = (settings or EvalSettings()).resolved()
         self.tok = load_tokenizer(sft)
-        prompts = load_prompts(settings.prompts, self.tok)
-        if settings.max_prompts:
-            prompts = prompts[: settings.max_prompts]
+        texts = load_prompts(prompts, self.tok)[: s.max_prompts]
         # [p0, p0, p1, p1, ...]: k samples per prompt, in a fixed order.
-        self.prompts = [p for p in prompts for _ in range(settings.samples_per_prompt)]
+        self.prompts = [p for p in texts for _ in range(s.samples_per_prompt)]
         # The length penalty counts the policy's tokens, as in training.
-        self.reward_fn = load_reward(settings.reward, device=settings.device, length_penalty=settings.length_penalty, tokenizer=self.tok)
-        self.sft = load_model(sft, dtype=settings.dtype, device=settings.device).eval()
-        self.policy = load_model(sft, dtype=settings.dtype, device=settings.device).eval()
+        self.reward_fn = load_reward(reward, device=device, length_penalty=s.length_penalty, tokenizer=self.tok)
+        self.sft = load_model(sft, device=device)
+        self.policy = load_model(sft, device=device)
         self._params = self.policy.state_dict()
 
     # -- weights ----------------------------------------------------------------------------------
@@ -94,27 +73,26 @@ class Evaluator:
 
     @torch.no_grad()
     def load_liti(self, target: Path, merged: Path, eta: float) -> None:
-        """Policy ← (1 − η)·θ_target + η·θ_merged, tensor by tensor (fp32 math, cast on copy)."""
-        from safetensors import safe_open
-
-        t_files, m_files = tensor_files(target), tensor_files(merged)
-        if set(t_files) != set(m_files):
-            diff = sorted(set(t_files) ^ set(m_files))[:3]
-            raise WarpError(f"{target} and {merged} hold different tensors (e.g. {diff}); they must share an architecture")
-        loaded = set()
-        with contextlib.ExitStack() as stack:
-            handles = {f: stack.enter_context(safe_open(f, "pt")) for f in {*t_files.values(), *m_files.values()}}
-            same = Path(target).resolve() == Path(merged).resolve()
-            for name in t_files:
-                a = handles[t_files[name]].get_tensor(name)
-                b = a if same else handles[m_files[name]].get_tensor(name)
-                self._copy_one(name, a, b, eta, merged)
+        """Policy ← (1 − η)·θ_target + η·θ_merged, tensor by tensor (fp32 math, cast on copy), read
+        through the merge engine's validated reader."""
+        same = Path(target).resolve() == Path(merged).resolve()
+        with CheckpointReader(resolve_source(target)) as rt, CheckpointReader(resolve_source(merged)) as rm:
+            if set(rt.infos) != set(rm.infos):
+                diff = sorted(set(rt.infos) ^ set(rm.infos))[:3]
+                raise WarpError(f"{target} and {merged} hold different tensors (e.g. {diff}); they must share an "
+                                "architecture")
+            loaded = set()
+            for name, info in rt.infos.items():
+                a = rt.read(name).view(info.shape)
+                b = a if same else rm.read(name).view(rm.infos[name].shape)
+                self._copy_one(name, a, b, eta, merged, target)
                 loaded.add(self._params[name].data_ptr())
         missing = [k for k, v in self._params.items() if v.data_ptr() not in loaded and v.is_floating_point()]
         if missing:  # a tied head shares storage with the embedding and is covered by it
             raise WarpError(f"{merged} lacks tensors of the model (e.g. {missing[:3]}); checkpoints must match --init")
 
-    def _copy_one(self, name: str, a: torch.Tensor, b: torch.Tensor, eta: float, merged: Path) -> None:
+    def _copy_one(self, name: str, a: torch.Tensor, b: torch.Tensor, eta: float, merged: Path,
+                  target: Path | None = None) -> None:
         from mergekit_warp.merge import math as mmath
 
         if name not in self._params:
@@ -122,55 +100,77 @@ class Evaluator:
         dst = self._params[name]
         if a.shape != dst.shape or b.shape != dst.shape:
             raise WarpError(f"tensor {name}: shape {tuple(b.shape)} in {merged}, {tuple(dst.shape)} in --init")
+        # A NaN/inf weight would be sampled from and scored as garbage (reward 0, KL nan): refuse it here,
+        # naming the folder that holds it.
+        for t, folder in [(a, target if target is not None else merged)] + ([] if a is b else [(b, merged)]):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise WarpError(f"tensor {name} of checkpoint {folder} holds NaN/inf values; "
+                                "the checkpoint is corrupt: re-create it (or drop it from the evaluation)")
         if a is b or not a.is_floating_point():
             v = a  # plain load, or a non-float buffer (never interpolated; taken from the target)
         else:
             v = mmath.liti(a.float(), b.float(), eta)
-        dst.copy_(v.to(dst.dtype))
+        v = v.to(dst.dtype)  # `a` itself for a plain load in the same dtype: checked above
+        if v is not a and v.is_floating_point() and not bool(torch.isfinite(v).all()):  # finite inputs: an overflow
+            if a is b:
+                raise WarpError(f"tensor {name} of checkpoint {merged} overflows {dst.dtype} (inf) when loaded; "
+                                "evaluate in a wider dtype (fp32)")
+            raise WarpError(f"tensor {name}: the LITI interpolation η={eta:g} of {target} and {merged} overflows "
+                            f"{dst.dtype} (inf); use a smaller η (or evaluate in fp32)")
+        dst.copy_(v)
 
     # -- scoring ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def score(self, name: str, path: str = "") -> Score:
         """Sample from the current policy weights; reward and KL to θ_sft per completion."""
-        from mergekit_warp.rl.rollout import generate, sequence_logprobs
-
-        rewards, kls, lengths = [], [], []
-        bs = self.s.batch_size
-        for c, start in enumerate(range(0, len(self.prompts), bs)):
-            batch = self.prompts[start : start + bs]
-            ro = generate(self.policy, self.tok, batch, max_new_tokens=self.s.max_new_tokens,
-                          temperature=self.s.temperature, generator_seed=self.s.seed + c)
-            args = (ro.input_ids, ro.attention_mask, ro.completion_mask)
-            lp = sequence_logprobs(self.policy, *args, temperature=self.s.temperature)  # (b,)
-            lp_sft = sequence_logprobs(self.sft, *args, temperature=self.s.temperature)  # (b,)
-            kls.append((lp - lp_sft).double().cpu())
-            rewards.append(torch.tensor(self.reward_fn(ro.prompts, ro.completions), dtype=torch.float64))
-            lengths.append(ro.completion_mask.sum(1).double().cpu())
-        r, r_se = mean_se(torch.cat(rewards))
-        k, k_se = mean_se(torch.cat(kls))
-        return Score(name=name, reward=r, reward_se=r_se, kl=k, kl_se=k_se,
-                     length=torch.cat(lengths).mean().item(), n=len(self.prompts), path=path)
+        s = self.s
+        got = sample_and_score(self.policy, self.sft, self.tok, self.prompts, self.reward_fn,
+                               max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=s.seed,
+                               batch_size=s.batch_size)
+        r, r_se = mean_se(got.rewards)
+        k, k_se = mean_se(got.kls)
+        # Finite weights can still overflow in the forward pass (huge weights, fp16): never report nan/inf.
+        bad = [f"{what} {v}" for what, v in (("reward", r), ("reward se", r_se), ("KL", k), ("KL se", k_se))
+               if not math.isfinite(v)]
+        if bad:
+            raise WarpError(f"checkpoint {path or name}: the estimate is not finite ({', '.join(bad)}); its "
+                            "weights overflow in the forward pass (or the reward overflows): check the checkpoint")
+        return Score(name=name, reward=r, reward_se=r_se, kl=k, kl_se=k_se, length=got.lengths.mean().item(),
+                     n=len(self.prompts), path=path)
 
 
-def tensor_files(folder: Path) -> dict[str, Path]:
-    """Tensor name → the safetensors file holding it (single file or sharded with an index), read from
-    the validated headers (`io.reader`), as the merge engine reads them."""
-    from mergekit_warp.io.reader import read_header
-    from mergekit_warp.io.source import resolve_source
+def check_output(stem: Path) -> None:
+    """Refuse, before any work, an output STEM whose STEM.csv / STEM.json cannot be written."""
+    stem = Path(stem)
+    if stem.name in ("", ".", ".."):
+        raise WarpError(f"-o {stem}: give a file stem (OUT writes OUT.csv and OUT.json), not a folder")
+    folder = stem.parent
+    if folder.exists() and not folder.is_dir():
+        raise WarpError(f"-o {stem}: {folder} is a file, not a folder; choose another -o")
+    if not folder.is_dir():
+        raise WarpError(f"-o {stem}: output folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise WarpError(f"-o {stem}: output folder {folder} is not writable; choose another -o or fix its permissions")
+    for p in output_paths(stem):
+        if p.is_dir():
+            raise WarpError(f"-o {stem}: {p} is a folder; choose another -o (or remove {p})")
+        if p.exists() and not os.access(p, os.W_OK):
+            raise WarpError(f"-o {stem}: {p} exists and is not writable; choose another -o or remove it")
 
-    return {name: f for f in resolve_source(Path(folder)).files for name in read_header(f)}
+
+def output_paths(stem: Path) -> tuple[Path, Path]:
+    """STEM.csv and STEM.json."""
+    stem = Path(stem)
+    return stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".json")
 
 
-def evaluate(checkpoints: list[Path], init: Path, settings: EvalSettings) -> list[Score]:
-    """Score each checkpoint (HF folder, hub id or builtin asset name) against θ_sft = `init`."""
-    from mergekit_warp.assets import resolve_model
+def evaluate(checkpoints: list[str | Path], init: str | Path, prompts: Path, reward: str,
+             settings: EvalSettings | None = None, device: str = "cpu") -> list[Score]:
+    """Score each checkpoint (HF folder, hub id or builtin name) against θ_sft = `init`."""
+    from mergekit_warp.lm.models import model_folder
 
-    local = [resolve_model(c) for c in [init, *checkpoints]]
-    for c, p in zip([init, *checkpoints], local):
-        if not p.is_dir():
-            raise WarpError(f"checkpoint {c} is not a folder; pass HF checkpoint folders")
-    ev = Evaluator(local[0], settings)
+    local = [model_folder(c, "checkpoint") for c in [init, *checkpoints]]
+    ev = Evaluator(local[0], prompts, reward, settings, device)
     out = []
     for c, p in zip(checkpoints, local[1:]):
         ev.load_folder(p)
@@ -180,8 +180,7 @@ def evaluate(checkpoints: list[Path], init: Path, settings: EvalSettings) -> lis
 
 def write_scores(scores: list[Score], stem: Path) -> tuple[Path, Path]:
     """Write `STEM.csv` and `STEM.json`; return both paths."""
-    stem = Path(stem)
-    csv_path, json_path = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".json")
+    csv_path, json_path = output_paths(stem)
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Score)])
         w.writeheader()

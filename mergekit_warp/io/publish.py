@@ -16,12 +16,13 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from mergekit_warp import __version__
 from mergekit_warp.errors import WarpError
+from mergekit_warp.io.atomic import staged
 
 PROVENANCE = "warp_provenance.json"
 # Files copied from the init (or first model) so the output loads like its source in `transformers`.
@@ -40,42 +41,48 @@ SUPPORT_FILES = (
 )
 
 
-def check_output_path(out: Path, inputs: list[Path] = (), force: bool = False) -> Path:
-    """Refuse an output path that exists (unless `force`) or that is (inside) one of the inputs."""
+def check_disjoint(out: Path, inputs: Iterable[Path | str] = ()) -> Path:
+    """Refuse an output path that would write into, or (replaced) delete, something the command reads:
+    `out` must not be an input, lie inside one, or contain one, symlinks resolved (a link to an input
+    counts as the input). `inputs`: checkpoints, prompt and reward files, configs; missing ones are
+    skipped. Returns `out` made absolute."""
     out = Path(out).absolute()
+    real = out.resolve()
     for src in inputs:
         src = Path(src).absolute()
-        if out == src or src in out.parents or (src.exists() and out.exists() and os.path.samefile(out, src)):
-            raise WarpError(f"output {out} is one of the inputs ({src}); choose another -o path")
+        if not os.path.lexists(src):
+            continue
+        s = src.resolve()
+        if real == s or s in real.parents or (out.exists() and os.path.samefile(out, s)):
+            raise WarpError(f"output {out} is {'the input' if real == s else 'inside the input'} {src}; "
+                            "choose an -o path outside every input")
+        if real in s.parents:
+            raise WarpError(f"output {out} contains the input {src} (replacing it would delete it); "
+                            "choose an -o path outside every input")
+    return out
+
+
+def check_output_path(out: Path, inputs: Iterable[Path | str] = (), force: bool = False) -> Path:
+    """`check_disjoint`, then refuse an existing `out` without `force` (or one that is a file), and a
+    missing parent folder."""
+    out = check_disjoint(out, inputs)
     if out.exists() and not force:
         raise WarpError(f"output {out} already exists; pass --force to replace it or choose another -o path")
-    if not out.parent.exists():
+    if out.exists() and not out.is_dir():
+        raise WarpError(f"output {out} is a file, not an output folder; remove it or choose another -o path")
+    if not out.parent.is_dir():
         raise WarpError(f"the folder {out.parent} for output {out.name} does not exist; create it first")
     return out
 
 
 @contextlib.contextmanager
-def publishing(out: Path, inputs: list[Path] = (), force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success rename it to `out`, on any failure delete it.
-
-    `out` is checked first (see `check_output_path`). With `force` an existing `out` is replaced only
-    after the new content is complete.
-    """
+def publishing(out: Path, inputs: Iterable[Path | str] = (), force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it becomes `out`, on any failure it is
+    deleted (`atomic.staged`). `out` is checked first (`check_output_path`); with `force` an existing
+    `out` is replaced only once the new content is complete. Call it while holding `atomic.claim(out)`."""
     out = check_output_path(out, inputs, force)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
-    tmp.mkdir()
-    try:
+    with staged(out, replace=force) as tmp:
         yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def copy_support_files(src: Path, dst: Path) -> list[str]:

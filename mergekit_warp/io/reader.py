@@ -66,45 +66,114 @@ class TensorInfo:
         return self.dtype.is_floating_point
 
 
+class _Duplicate(ValueError):
+    """A JSON object in the header repeats a key (raised from `object_pairs_hook`)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Duplicate(k)
+            seen.add(k)
+    return obj
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_uint(x: object) -> bool:
+    return type(x) is int and x >= 0  # `type(...) is int`: refuses bools (an int subclass) and floats
+
+
 def read_header(file: Path) -> dict[str, TensorInfo]:
     """Parse and validate one safetensors file's header; `WarpError` naming the file if it is
-    truncated, corrupt or not safetensors at all."""
+    truncated, corrupt or not safetensors at all.
+
+    The rules are the safetensors library's own: a JSON object with unique keys; `__metadata__`, if
+    present, maps str → str; every tensor has a known dtype, a shape of non-negative ints and
+    `data_offsets` [start, stop] with stop - start = numel × itemsize; and the tensors, sorted by
+    offset, tile the data buffer exactly (first at 0, no overlap, no hole, nothing after the last).
+    """
     file = Path(file)
     size = file.stat().st_size
     bad = f"{file}: truncated or corrupt safetensors file"
+    fix = "re-download or re-save it"
     with open(file, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            raise WarpError(f"{bad} (only {size} bytes); re-download or re-save it")
+            raise WarpError(f"{bad} (only {size} bytes); {fix}")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > size:
-            raise WarpError(f"{bad} (header length {n} does not fit in {size} bytes); re-download or re-save it")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, ValueError):
-            raise WarpError(f"{bad} (header is not JSON); re-download or re-save it") from None
+            raise WarpError(f"{bad} (header length {n} does not fit in {size} bytes); {fix}")
+        raw = fh.read(n)
+    if len(raw) != n:
+        raise WarpError(f"{bad} (header cut short: {len(raw)} of {n} bytes); {fix}")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except _Duplicate as e:
+        raise WarpError(f"{bad} (header repeats the key {e.key!r}); {fix}") from None
+    except UnicodeDecodeError:
+        raise WarpError(f"{bad} (header is not UTF-8 text); {fix}") from None
+    except RecursionError:
+        raise WarpError(f"{bad} (header JSON is nested too deeply); {fix}") from None
+    except ValueError:
+        raise WarpError(f"{bad} (header is not JSON); {fix}") from None
     if not isinstance(header, dict):
-        raise WarpError(f"{bad} (header is not a JSON object); re-download or re-save it")
+        raise WarpError(f"{bad} (header is not a JSON object); {fix}")
+    meta = header.get("__metadata__")  # null is accepted, as the safetensors library accepts it
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        raise WarpError(f"{bad} (__metadata__ is not an object of string values); {fix}")
+    data_len = size - 8 - n
     infos: dict[str, TensorInfo] = {}
-    end = 0
-    for name, meta in header.items():
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = DTYPES[meta["dtype"]]
-            shape = tuple(int(s) for s in meta["shape"])
-            start, stop = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise WarpError(f"{bad} (bad entry for tensor {name}); re-download or re-save it") from None
+        if not isinstance(entry, dict):
+            raise WarpError(f"{bad} (bad entry for tensor {name}: not an object); {fix}")
+        code = entry.get("dtype")
+        dtype = DTYPES.get(code) if isinstance(code, str) else None
+        if dtype is None:
+            what = "no dtype" if code is None else f"unknown dtype {code!r}"
+            raise WarpError(f"{bad} (tensor {name}: {what}); {fix}")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
+            raise WarpError(f"{bad} (tensor {name}: shape {shape!r} is not a list of non-negative integers); {fix}")
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and _is_uint(offsets[0]) and _is_uint(offsets[1])):
+            raise WarpError(f"{bad} (tensor {name}: data_offsets {offsets!r} are not two non-negative integers); {fix}")
+        start, stop = offsets
+        if start > stop:
+            raise WarpError(f"{bad} (tensor {name}: data_offsets start {start} after stop {stop}); {fix}")
         numel = 1
         for s in shape:
             numel *= s
-        if stop - start != numel * dtype.itemsize or start < 0:
-            raise WarpError(f"{bad} (tensor {name}: {stop - start} bytes for shape {list(shape)}); re-save it")
-        infos[name] = TensorInfo(name, file, dtype, shape, 8 + n + start, stop - start)
-        end = max(end, stop)
-    if 8 + n + end > size:
-        raise WarpError(f"{bad} (data ends at byte {8 + n + end}, file has {size}); re-download or re-save it")
+        if stop - start != numel * dtype.itemsize:
+            raise WarpError(f"{bad} (tensor {name}: {stop - start} bytes for shape {shape}); {fix}")
+        infos[name] = TensorInfo(name, file, dtype, tuple(shape), 8 + n + start, stop - start)
+        spans.append((start, stop, name))
+    # The tensors must tile the data buffer: sorted by offsets, each starts where the previous stopped.
+    spans.sort()
+    end, prev = 0, None
+    for start, stop, name in spans:
+        if start < end:
+            raise WarpError(f"{bad} (tensor {name} overlaps tensor {prev} at data bytes {start}-{end}); {fix}")
+        if start > end:
+            where = f"between tensors {prev} and {name}" if prev is not None else f"before the first tensor {name}"
+            raise WarpError(f"{bad} (a hole of {start - end} unused data bytes {where}); {fix}")
+        end, prev = stop, name
+    if end > data_len:
+        raise WarpError(f"{bad} (data ends at byte {8 + n + end}, file has {size}); {fix}")
+    if end < data_len:
+        raise WarpError(f"{bad} ({data_len - end} unexpected bytes after the last tensor's data); {fix}")
     return infos
 
 

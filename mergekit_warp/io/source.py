@@ -47,9 +47,15 @@ class Source:
 
 
 def resolve_source(spec: str | Path, revision: str | None = None) -> Source:
-    """Resolve `spec` to a `Source`, raising `WarpError` for a missing path, a folder that holds no
-    checkpoint, a pickle checkpoint, or a hub id that cannot be had (offline and not cached)."""
+    """Resolve `spec` — a builtin asset name (`smollm2-135m-instruct`), a local folder or .safetensors
+    file, or a hub id — to a `Source`. Every command resolves checkpoints here. `WarpError` for a
+    missing path, a folder that holds no checkpoint, a pickle checkpoint, or a hub id that cannot be
+    had (offline and not cached)."""
+    from mergekit_warp import assets
+
     text = str(spec)
+    if text in assets.BUILTIN:
+        return _local(text, assets.builtin_folder(text), None)
     path = Path(text).expanduser()
     if path.exists():
         return _local(text, path, None)
@@ -75,9 +81,20 @@ def _local(spec: str, path: Path, revision: str | None) -> Source:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            names = list(dict.fromkeys(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise WarpError(f"{index}: unreadable shard index ({e}); re-save the checkpoint") from None
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise WarpError(f"{index}: unreadable shard index ({type(e).__name__}: {e}); re-save the checkpoint") from None
+        if not isinstance(weight_map, dict):
+            raise WarpError(f"{index}: unreadable shard index (weight_map is not an object); re-save the checkpoint")
+        for tensor, name in weight_map.items():
+            if not isinstance(name, str):
+                raise WarpError(f"{index}: unreadable shard index (tensor {tensor} maps to {name!r}, not a file name); "
+                                "re-save the checkpoint")
+            # A plain name in this folder (no separator, not `.`/`..`, no drive like `C:`), judged as written,
+            # never by resolving links: HF cache snapshots are symlinks into blobs/ and must keep working.
+            if name in ("", ".", "..") or any(c in name for c in "/\\\0") or name[1:2] == ":":
+                raise WarpError(f"{index}: shard {name!r} (tensor {tensor}) is not a plain file name inside {path}; "
+                                "refusing to read outside the checkpoint folder; re-download or re-save it")
+        names = list(dict.fromkeys(weight_map.values()))
         files = tuple(path / n for n in names)
         missing = [f.name for f in files if not f.is_file()]
         if missing:

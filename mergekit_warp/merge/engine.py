@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,38 +23,11 @@ from mergekit_warp.io.publish import copy_support_files
 from mergekit_warp.io.reader import CheckpointReader
 from mergekit_warp.io.writer import BackgroundWriter, OutTensor, ShardWriter
 from mergekit_warp.merge import math as mmath
+from mergekit_warp.progress import Bytes
 
 CHUNK = 1 << 22  # elements per chunk: 16 MB of fp32 per input
 Fetch = Callable[[int], Tensor]  # input index → its chunk (flat, stored dtype) on the math device
 Combine = Callable[[str, Fetch], Tensor]
-
-
-class Progress:
-    """A rich progress bar on stderr counting input bytes read and tensors done (or nothing)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    @contextmanager
-    def task(self, description: str, total_bytes: int, total_tensors: int) -> Iterator[Callable[[int, int], None]]:
-        if not self.enabled:
-            yield lambda nbytes, ntensors: None
-            return
-        from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress as Bar, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
-
-        bar = Bar(TextColumn("{task.description:<6}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TextColumn("{task.fields[tensors]} tensors"), TimeRemainingColumn(), console=Console(stderr=True))
-        done = [0]
-        with bar:
-            tid = bar.add_task(description, total=total_bytes, tensors=f"0/{total_tensors}")
-
-            def advance(nbytes: int, ntensors: int) -> None:
-                done[0] += ntensors
-                bar.update(tid, advance=nbytes, tensors=f"{done[0]}/{total_tensors}")
-
-            yield advance
 
 
 def chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -99,14 +71,14 @@ def gram_pass(
     *,
     device: torch.device,
     chunk: int = CHUNK,
-    progress: Progress | None = None,
+    progress: Bytes | None = None,
     full: bool = False,
 ) -> dict[str, dict[str, Tensor]]:
     """Per group, the Gram matrix of the task vectors δ_m = θ_m − θ_0 (readers[0] is the init), shape
     (M, M), and with `full` also of the weights θ_0..θ_M, shape (M+1, M+1); fp64 on the CPU.
     Reads one chunk of one tensor from each input at a time."""
     k = len(readers)
-    progress = progress or Progress(False)
+    progress = progress or Bytes(False)
     names = [n for g in groups.values() for n in g]
     infos = readers[0].infos
     total = sum(r.infos[n].nbytes for r in readers for n in names)
@@ -156,13 +128,13 @@ def write_pass(
     max_shard_size: int,
     device: torch.device,
     chunk: int = CHUNK,
-    progress: Progress | None = None,
+    progress: Bytes | None = None,
 ) -> list[str]:
     """Stream every tensor of `readers[ref]` through `combine` (float tensors) or copy it from the
     reference (non-float tensors: int buffers are never interpolated); return the shard file names."""
     layout = output_layout(readers[ref], dtype)
     writer = BackgroundWriter(ShardWriter(folder, layout, max_shard_size))
-    progress = progress or Progress(False)
+    progress = progress or Bytes(False)
     total = sum(r.total_bytes for r in readers)
     try:
         with progress.task("merge", total, len(layout)) as advance:

@@ -20,7 +20,6 @@ Relative paths are taken relative to the config file's folder.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -30,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergekit_warp.errors import WarpError
+from mergekit_warp.eval.settings import EvalSettings
 
 # RLConfig fields the pipeline sets itself, per run; a config that sets them is refused.
 PIPELINE_OWNED = ("model", "prompts", "reward", "out", "device", "seed", "resume", "force", "progress")
@@ -80,27 +80,16 @@ class Liti(_Frozen):
         return self
 
 
-class Eval(_Frozen):
+class Eval(EvalSettings):
+    """The Pareto evaluation: how held-out completions are sampled and scored (`warp eval`'s options;
+    unset sampling options follow the `rl:` section), and which LITI sweep is drawn."""
+
     enabled: bool = True
     """Run the Pareto evaluation at the end of the pipeline."""
     etas: tuple[float, ...] = DEFAULT_ETAS
     """LITI sweep of each iteration's SLERP merge toward `target` (values > 1 extrapolate)."""
     target: Literal["sft", "init"] = "sft"
     """Sweep toward θ_sft (the paper's fronts) or toward the iteration's init."""
-    samples_per_prompt: int = Field(2, ge=1)
-    """Completions sampled per held-out prompt and checkpoint."""
-    max_prompts: int | None = Field(None, ge=1)
-    """Use only the first N held-out prompts."""
-    max_new_tokens: int | None = Field(None, ge=1)
-    """Default: the RL section's max_new_tokens."""
-    temperature: float | None = Field(None, gt=0)
-    """Default: the RL section's temperature."""
-    length_penalty: float | None = None
-    """Added to the reward as in `warp rl`; default: the RL section's length_penalty."""
-    batch_size: int = Field(32, ge=1)
-    """Sequences generated per forward batch."""
-    seed: int = 1234
-    """Sampling seed, the same for every checkpoint (common random numbers)."""
 
     @field_validator("etas")
     @classmethod
@@ -240,7 +229,7 @@ def _check_rl_keys(path: Path, cfg: PipelineConfig) -> None:
     """RL options must be RLConfig fields the pipeline does not set itself."""
     from mergekit_warp.rl.config import RLConfig
 
-    fields = {f.name for f in dataclasses.fields(RLConfig)}
+    fields = set(RLConfig.model_fields)
     sections = [("rl", cfg.rl)] + [(f"per_run.{i}", d) for i, d in enumerate(cfg.per_run or ())]
     for where, opts in sections:
         for key in opts:

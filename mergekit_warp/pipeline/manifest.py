@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mergekit_warp.errors import WarpError
+from mergekit_warp.io.atomic import write_atomic
 from mergekit_warp.io.publish import PROVENANCE, fingerprint
-
-MANIFEST = "run.json"
+from mergekit_warp.pipeline.layout import MANIFEST
 Status = Literal["pending", "running", "done", "failed"]
 
 
@@ -72,8 +73,13 @@ class Manifest:
 
     @classmethod
     def load(cls, run_dir: Path) -> "Manifest":
-        raw = json.loads((Path(run_dir) / MANIFEST).read_text())
-        m = cls(run_dir, raw["config"], raw["config_hash"], {k: Step(**v) for k, v in raw["steps"].items()})
+        path = Path(run_dir) / MANIFEST
+        try:
+            raw = json.loads(path.read_text())
+            m = cls(run_dir, raw["config"], raw["config_hash"], {k: Step(**v) for k, v in raw["steps"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise WarpError(f"{path} is damaged or not a warp manifest ({type(e).__name__}); restore it, or start "
+                            "the pipeline again in a new -o folder") from None
         m.created = raw.get("created", m.created)
         return m
 
@@ -87,9 +93,7 @@ class Manifest:
                 "config": self.config,
                 "steps": {k: asdict(s) for k, s in self.steps.items()},
             }
-            tmp = self.path.with_name(f".{MANIFEST}.tmp-{os.getpid()}-{threading.get_ident()}")
-            tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(record, indent=2, default=str) + "\n")
 
     def step(self, name: str, kind: str) -> Step:
         """The record of step `name`, created pending if new."""
@@ -106,9 +110,13 @@ class Manifest:
         s.output, s.hash = None, None
         self.save()
 
-    def finish(self, name: str, output: Path | None, metrics: dict[str, Any] | None = None) -> None:
+    def finish(self, name: str, output: Path | None, metrics: dict[str, Any] | None = None, *,
+               started: float | None = None, finished: float | None = None) -> None:
+        """Mark a step done. `started`/`finished`: when the work really ran, measured by the process
+        that did it (a parallel worker), instead of when this process submitted and collected it."""
         s = self.steps[name]
-        s.status, s.finished = "done", time.time()
+        s.status, s.finished = "done", finished or time.time()
+        s.started = started or s.started
         if output is not None:
             s.output, s.hash = str(Path(output).relative_to(self.run_dir)), output_hash(output)
         s.metrics = metrics or {}

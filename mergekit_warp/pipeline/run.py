@@ -7,18 +7,16 @@
         θ_init ← (1 − η)·θ_target + η·θ_s               → iter_i/liti/    (last iteration: final/)
     Pareto evaluation of every iteration                → eval/pareto.csv, eval/pareto.png
 
-Stages exchange folders; `run.json` (see manifest.py) records each step. With `resume`, a step whose
-record is `done` and whose output and inputs still have their recorded hashes is skipped; anything
-else is redone (an interrupted RL run continues from its own saved state). Every output is published
-atomically, so a kill at any point leaves either nothing or a finished folder at each step's path.
+Stages exchange folders (the layout is pipeline/layout.py); `run.json` (manifest.py) records each
+step. Every input is checked before the run folder is created. With `resume`, a step whose record is
+`done` and whose output and inputs still have their recorded hashes is skipped; anything else is
+redone (an interrupted RL run continues from its own saved state). Every output is published
+atomically, and the run folder is locked while a process works in it.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -26,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_warp.errors import WarpError
+from mergekit_warp.io.atomic import claim
+from mergekit_warp.io.publish import check_disjoint
 from mergekit_warp.pipeline.config import PipelineConfig, load_config
-from mergekit_warp.pipeline.manifest import MANIFEST, Manifest, output_hash
-
-# Test hook: SIGKILL this process right after the named step is recorded `done` (a kill at a step
-# boundary). Used by the kill-and-resume tests; harmless when unset.
-KILL_AFTER_ENV = "WARP_PIPELINE_KILL_AFTER"
+from mergekit_warp.pipeline.layout import CONFIG, Layout
+from mergekit_warp.pipeline.manifest import Manifest, output_hash
+from mergekit_warp.progress import Log
 
 
 @dataclass(frozen=True)
@@ -44,59 +42,134 @@ class PipelineResult:
 
 def run_pipeline(config_path: Path, run_dir: Path | None = None, *, resume: bool = False, progress: bool = True) -> PipelineResult:
     """Run (or resume) the WARP pipeline described by `config_path` into `run_dir`."""
-    from mergekit_warp.assets import resolve_model
-
     config_path = Path(config_path)
     cfg = load_config(config_path)
-    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / config_path.stem
-    _check_rl_configs(config_path, cfg)
-    sft = resolve_model(cfg.init)  # before anything is written: a bad init leaves no run folder behind
-    manifest = _open_manifest(run_dir, cfg, config_path, resume)
-    log = _Log(progress)
-    _clean_stale_temps(run_dir)
+    run_dir = (Path(run_dir) if run_dir is not None else Path("runs") / config_path.stem).absolute()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise WarpError(f"run folder {run_dir} is a file; choose another -o")
+    sft = preflight(config_path, cfg)  # every input checked before anything is written
+    check_disjoint(run_dir, [sft, config_path, cfg.prompts.train, *filter(None, [cfg.prompts.heldout]),
+                             *_reward_inputs(cfg)])
+    run_dir.parent.mkdir(parents=True, exist_ok=True)  # `runs/` need not exist on a fresh clone
+    with claim(run_dir):
+        return _run(cfg, config_path, run_dir, sft, resume, Log(progress, "warp pipeline"))
 
+
+def _run(cfg: PipelineConfig, config_path: Path, run_dir: Path, sft: Path, resume: bool, log: Log) -> PipelineResult:
+    lay = Layout(run_dir, cfg.iterations, cfg.runs)
+    manifest = _open_manifest(lay, cfg, config_path, resume)
     init = sft
     for i in range(1, cfg.iterations + 1):
-        it = run_dir / f"iter_{i}"
-        it.mkdir(exist_ok=True)
-        runs = _rl_runs(cfg, manifest, i, init, it, resume, log)
+        (run_dir / f"iter_{i}").mkdir(exist_ok=True)
+        runs = _rl_runs(cfg, lay, manifest, i, init, resume, log)
 
-        # -- SLERP of the M task vectors ------------------------------------------------------------
-        if cfg.runs == 1:
-            merged = runs[0]  # nothing to merge: the single run is the "merge"
-        else:
-            merged = it / "slerp"
+        # -- SLERP of the M task vectors (M = 1: the single run is the "merge")
+        merged = lay.merged(i)
+        if cfg.runs > 1:
             inputs = {"init": init, **{f"run_{m}": r for m, r in enumerate(runs, 1)}}
-            _merge_step(manifest, f"iter_{i}/slerp", "slerp", inputs, merged, log, lambda out, force: _slerp(cfg, runs, init, out, force))
+            _merge_step(manifest, lay, "slerp", inputs, merged, log,
+                        lambda out, force, init=init, runs=runs: _slerp(cfg, runs, init, out, force))
 
-        # -- LITI toward the iteration's init (Algorithm 1) or θ_sft → next init -------------------
+        # -- LITI toward the iteration's init (Algorithm 1) or θ_sft → next init
         last = i == cfg.iterations
         target = init if cfg.liti.target == "init" else sft
         eta = cfg.liti.final_eta if (last and cfg.liti.final_eta is not None) else cfg.liti.eta
-        out = run_dir / "final" if last else it / "liti"
-        _merge_step(
-            manifest, out.relative_to(run_dir).as_posix(), "liti", {"merged": merged, "target": target}, out, log,
-            lambda o, force, merged=merged, target=target, eta=eta: _liti(merged, target, o, eta, force),
-        )
+        out = lay.liti(i)
+        _merge_step(manifest, lay, "liti", {"merged": merged, "target": target}, out, log,
+                    lambda o, force, merged=merged, target=target, eta=eta: _liti(merged, target, o, eta, force))
         init = out
 
-    summary = None
-    if cfg.eval.enabled:
-        summary = _pareto_step(cfg, manifest, run_dir, log)
-    log(f"done: final policy {run_dir / 'final'}")
-    return PipelineResult(run_dir=run_dir, final=run_dir / "final", summary=summary)
+    summary = _pareto_step(cfg, lay, manifest, sft, log) if cfg.eval.enabled else None
+    log(f"done: final policy {lay.final}")
+    return PipelineResult(run_dir=run_dir, final=lay.final, summary=summary)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Before anything is written
+
+
+def preflight(config_path: Path, cfg: PipelineConfig) -> Path:
+    """Check every input of the run (RL options of every run, the init and its tokenizer, both prompt
+    files and their lengths, the reward, held-out prompts of the RL runs) and return θ_sft's folder."""
+    from mergekit_warp.lm.models import load_tokenizer, model_context, model_folder
+    from mergekit_warp.lm.prompts import check_lengths, read_prompts
+    from mergekit_warp.lm.rewards import check_reward
+
+    def where(e: WarpError) -> WarpError:
+        return WarpError(f"config {config_path}: {e}")
+
+    try:
+        runs = rl_configs(cfg)  # options first: no file is read for a typo
+        sft = model_folder(cfg.init, "init")
+        tok = load_tokenizer(sft)
+        context = model_context(sft)
+        check_reward(cfg.reward)
+        files: dict[Path, int] = {}
+        for rl in runs:
+            for path in (rl.prompts, rl.eval_prompts):
+                if path is not None:
+                    files[Path(path)] = max(files.get(Path(path), 0), rl.max_new_tokens)
+        if cfg.eval.enabled:
+            settings = cfg.eval.resolved(cfg.rl)
+            heldout = cfg.prompts.heldout or cfg.prompts.train
+            files[heldout] = max(files.get(heldout, 0), settings.max_new_tokens)
+        for path, new_tokens in files.items():
+            prompts = read_prompts(path, tok)
+            if context:
+                check_lengths(prompts, tok, context, new_tokens, path)
+    except WarpError as e:
+        raise where(e) from None
+    return sft
+
+
+def rl_configs(cfg: PipelineConfig) -> list:
+    """The RLConfig of every run of the first iteration (option types and ranges; a data-parallel
+    group must split the batch evenly), without reading any file."""
+    from mergekit_warp.rl.launch import LaunchSpec, check
+
+    out = []
+    for m in range(1, cfg.runs + 1):
+        rl = _rl_config(cfg, 1, m, Path(cfg.init), Path("/nonexistent/out"), resume=False, progress=False)
+        if len(cfg.group(m)) > 1:
+            check(LaunchSpec(nproc=len(cfg.group(m))), rl.batch_size, rl.device)
+        out.append(rl)
+    return out
+
+
+def _reward_inputs(cfg: PipelineConfig) -> list[Path]:
+    from mergekit_warp.lm.rewards import reward_inputs
+
+    return reward_inputs(cfg.reward)
+
+
+def _open_manifest(lay: Layout, cfg: PipelineConfig, config_path: Path, resume: bool) -> Manifest:
+    if resume:
+        if not lay.manifest.is_file():
+            raise WarpError(f"--resume: {lay.root} has no {lay.manifest.name}; run without --resume to start it")
+        manifest = Manifest.load(lay.root)
+        if manifest.config_hash != cfg.digest():
+            raise WarpError(f"--resume: {config_path} differs from the config {lay.root} was started with; "
+                            "restore it or start a new run folder with -o")
+        return manifest
+    if lay.root.exists() and any(lay.root.iterdir()):
+        raise WarpError(f"run folder {lay.root} already exists; pass --resume to continue it or choose another -o")
+    lay.root.mkdir(exist_ok=True)
+    shutil.copy2(config_path, lay.root / CONFIG)
+    manifest = Manifest(lay.root, cfg.model_dump(mode="json"), cfg.digest())
+    manifest.save()
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------------------
 # Steps
 
 
-def _rl_runs(cfg: PipelineConfig, manifest: Manifest, i: int, init: Path, it: Path, resume: bool, log: "_Log") -> list[Path]:
+def _rl_runs(cfg: PipelineConfig, lay: Layout, manifest: Manifest, i: int, init: Path, resume: bool, log: Log) -> list[Path]:
     """Run the M RL runs of iteration i (skipping finished ones); return their output folders."""
-    runs = [it / f"run_{m}" for m in range(1, cfg.runs + 1)]
+    runs = lay.runs_of(i)
     todo = []
     for m, out in enumerate(runs, 1):
-        name = f"iter_{i}/run_{m}"
+        name = lay.name(out)
         if manifest.is_done(name, {"init": init}):
             log(f"{name}: done (verified), skipped")
             continue
@@ -113,32 +186,36 @@ def _rl_runs(cfg: PipelineConfig, manifest: Manifest, i: int, init: Path, it: Pa
             manifest.start(name, "rl", {"init": init}, device=",".join(group))
             _guarded(manifest, name, lambda: _train(rl_cfg, group))
             manifest.finish(name, rl_cfg.out, _rl_metrics(rl_cfg.out))
-            _maybe_kill(name)
         return runs
 
     # Parallel: one worker process per entry of `devices` (a device or a group), each running its
-    # entry's runs in order (spawned, so CUDA initialises cleanly in the child); only this process
-    # writes the manifest.
+    # entry's runs in order (spawned, so CUDA initialises cleanly in the child; it dies with this
+    # process); only this process writes the manifest.
+    import multiprocessing
+
+    from mergekit_warp.rl.launch import die_with_parent
+
     slot = lambda m: (m - 1) % len(cfg.devices)  # noqa: E731
-    pools = {s: ProcessPoolExecutor(max_workers=1, mp_context=_spawn()) for s in dict.fromkeys(slot(m) for _, m, _ in todo)}
+    pools = {s: ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=die_with_parent)
+             for s in dict.fromkeys(slot(m) for _, m, _ in todo)}
     try:
         futures = {}
         for name, m, rl_cfg in todo:
             group = cfg.group(m)
             log(f"{name}: RL on {','.join(group)}, seed {rl_cfg.seed}, {rl_cfg.steps} steps (parallel)")
             manifest.start(name, "rl", {"init": init}, device=",".join(group))
-            futures[name] = (pools[slot(m)].submit(_train, rl_cfg, group), rl_cfg)
+            futures[name] = (pools[slot(m)].submit(_timed_train, rl_cfg, group), rl_cfg)
         errors = []
         for name, (fut, rl_cfg) in futures.items():
             try:
-                fut.result()
+                _, started, finished = fut.result()
             except BaseException as e:  # record every failure, then raise the first
                 manifest.fail(name, f"{type(e).__name__}: {e}")
                 errors.append(e)
                 continue
-            manifest.finish(name, rl_cfg.out, _rl_metrics(rl_cfg.out))
+            manifest.finish(name, rl_cfg.out, _rl_metrics(rl_cfg.out), started=started, finished=finished)
             log(f"{name}: done")
-            _maybe_kill(name)
         if errors:
             raise errors[0]
     finally:
@@ -147,7 +224,8 @@ def _rl_runs(cfg: PipelineConfig, manifest: Manifest, i: int, init: Path, it: Pa
     return runs
 
 
-def _merge_step(manifest: Manifest, name: str, kind: str, inputs: dict[str, Path], out: Path, log: "_Log", make) -> None:
+def _merge_step(manifest: Manifest, lay: Layout, kind: str, inputs: dict[str, Path], out: Path, log: Log, make) -> None:
+    name = lay.name(out)
     if manifest.is_done(name, inputs):
         log(f"{name}: done (verified), skipped")
         return
@@ -155,23 +233,52 @@ def _merge_step(manifest: Manifest, name: str, kind: str, inputs: dict[str, Path
     manifest.start(name, kind, inputs)
     _guarded(manifest, name, lambda: make(out, out.exists()))
     manifest.finish(name, out)
-    _maybe_kill(name)
 
 
-def _pareto_step(cfg: PipelineConfig, manifest: Manifest, run_dir: Path, log: "_Log") -> str:
-    from mergekit_warp.eval.pareto import pareto
-
-    name = "eval"
-    inputs = {"final": run_dir / "final"}
-    out = run_dir / "eval"
-    if manifest.is_done(name, inputs) and (out / "summary.txt").is_file():
+def _pareto_step(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path, log: Log) -> str:
+    name, inputs = "eval", {"final": lay.final}
+    if manifest.is_done(name, inputs) and (lay.eval / "summary.txt").is_file():
         log(f"{name}: done (verified), skipped")
-        return (out / "summary.txt").read_text()
+        return (lay.eval / "summary.txt").read_text()
     log(f"{name}: Pareto evaluation of {cfg.iterations} iteration(s) on {cfg.eval_device}")
     manifest.start(name, "pareto", inputs, device=cfg.eval_device)
-    result = _guarded(manifest, name, lambda: pareto(run_dir, force=True, progress=log.enabled))
+    result = _guarded(manifest, name, lambda: evaluate_run(lay.root, cfg=cfg, sft=sft, force=True, progress=log.enabled))
     manifest.finish(name, None, result.headline)
     return result.summary
+
+
+def evaluate_run(run_dir: Path, *, cfg: PipelineConfig | None = None, sft: Path | None = None,
+                 etas: list[float] | None = None, out: Path | None = None, force: bool = False,
+                 device: str | None = None, progress: bool = True):
+    """The Pareto evaluation of every finished iteration of run folder `run_dir` (`warp eval pareto`),
+    with the run's own held-out prompts, reward and evaluation settings."""
+    from mergekit_warp.eval.pareto import Iteration, pareto
+    from mergekit_warp.lm.models import model_folder
+
+    run_dir = Path(run_dir)
+    if cfg is None:
+        if not (run_dir / "run.json").is_file():
+            raise WarpError(f"{run_dir} is not a pipeline run folder (no run.json); pass the -o folder of "
+                            "`warp pipeline run`")
+        cfg = PipelineConfig.model_validate(Manifest.load(run_dir).config)
+    sft = sft or model_folder(cfg.init, "init")
+    lay = Layout(run_dir, cfg.iterations, cfg.runs)
+    iterations, init = [], sft
+    for i in range(1, cfg.iterations + 1):
+        if not all((p / "config.json").is_file() for p in [*lay.runs_of(i), lay.merged(i)]):
+            break
+        last = i == cfg.iterations
+        final = lay.final if last and lay.final.is_dir() else None
+        iterations.append(Iteration(i, init, lay.runs_of(i), lay.merged(i), final))
+        if not lay.liti(i).is_dir():
+            break
+        init = lay.liti(i)
+    if not iterations:
+        raise WarpError(f"{run_dir}: no iteration has finished its RL runs and merge yet; nothing to evaluate")
+    return pareto(sft, iterations, cfg.prompts.heldout or cfg.prompts.train, cfg.reward, cfg.eval.resolved(cfg.rl),
+                  Path(out) if out is not None else lay.eval, etas=list(etas if etas is not None else cfg.eval.etas),
+                  target=cfg.eval.target, force=force, device=device or cfg.eval_device, progress=progress,
+                  title=f"WARP Pareto front ({Path(cfg.init).name}, reward: {Path(cfg.reward).name})")
 
 
 def _slerp(cfg: PipelineConfig, runs: list[Path], init: Path, out: Path, force: bool) -> Path:
@@ -199,71 +306,26 @@ def _train(rl_cfg, group: tuple[str, ...] = ("cpu",)) -> Path:
     return train_on_group(rl_cfg, group, log=Path(rl_cfg.out).with_suffix(".log"))
 
 
+def _timed_train(rl_cfg, group: tuple[str, ...]) -> tuple[Path, float, float]:
+    """`_train` in a worker process, with the times it started and ended there."""
+    t0 = time.time()
+    return _train(rl_cfg, group), t0, time.time()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Plumbing
 
 
 def _rl_config(cfg: PipelineConfig, i: int, m: int, init: Path, out: Path, *, resume: bool, progress: bool):
-    """The RLConfig of run m of iteration i; option types are checked here (pydantic), ranges by RLConfig."""
-    from pydantic import TypeAdapter, ValidationError
-
-    from mergekit_warp.rl.config import RLConfig
+    """The RLConfig of run m of iteration i (types and ranges checked by RLConfig)."""
+    from mergekit_warp.rl.config import make_config
 
     fields = dict(
         model=str(init), prompts=cfg.prompts.train, reward=cfg.reward, out=out, device=cfg.device(m),
         seed=cfg.run_seed(i, m), resume=resume, force=out.exists() and not resume, progress=progress,
     )
-    try:
-        return TypeAdapter(RLConfig).validate_python({**cfg.rl_options(m), **fields})
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"])
-        raise WarpError(f"RL option '{key}' of run {m}: {err['msg']}") from None
-
-
-def _check_rl_configs(config_path: Path, cfg: PipelineConfig) -> None:
-    """Build every run's RLConfig once before any work, so a bad option fails in seconds, not hours."""
-    from mergekit_warp.rl.launch import LaunchSpec, check
-
-    for m in range(1, cfg.runs + 1):
-        try:
-            rl_cfg = _rl_config(cfg, 1, m, Path(cfg.init), Path("/nonexistent/out"), resume=False, progress=False)
-        except WarpError as e:
-            raise WarpError(f"config {config_path}: {e}") from None
-        if len(cfg.group(m)) > 1:  # a data-parallel run: the batch must split evenly over the group
-            try:
-                check(LaunchSpec(nproc=len(cfg.group(m))), rl_cfg.batch_size, rl_cfg.device)
-            except WarpError as e:
-                raise WarpError(f"config {config_path}: run {m} on devices {list(cfg.group(m))}: {e}") from None
-
-
-def _open_manifest(run_dir: Path, cfg: PipelineConfig, config_path: Path, resume: bool) -> Manifest:
-    if resume:
-        if not (run_dir / MANIFEST).is_file():
-            raise WarpError(f"--resume: {run_dir} has no {MANIFEST}; run without --resume to start it")
-        manifest = Manifest.load(run_dir)
-        if manifest.config_hash != cfg.digest():
-            raise WarpError(f"--resume: {config_path} differs from the config {run_dir} was started with; "
-                            "restore it or start a new run folder with -o")
-        return manifest
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise WarpError(f"run folder {run_dir} already exists; pass --resume to continue it or choose another -o")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise WarpError(f"run folder {run_dir} is a file; choose another -o")
-    run_dir.mkdir(parents=True, exist_ok=True)  # `runs/` need not exist on a fresh clone
-    shutil.copy2(config_path, run_dir / "config.yaml")
-    manifest = Manifest(run_dir, cfg.model_dump(mode="json"), cfg.digest())
-    manifest.save()
-    return manifest
-
-
-def _clean_stale_temps(run_dir: Path) -> None:
-    """Remove temporary folders left by a killed publish (`.NAME.tmp-PID-…`); finished outputs and
-    RL state folders (`run_m.partial/`) are kept."""
-    for d in [run_dir, *run_dir.glob("iter_*")]:
-        for tmp in d.glob(".*.tmp-*"):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
+    section = "rl" if not cfg.per_run or not cfg.per_run[m - 1] else f"rl/per_run.{m - 1}"
+    return make_config({**cfg.rl_options(m), **fields}, where=section)
 
 
 def _guarded(manifest: Manifest, name: str, fn):
@@ -280,26 +342,3 @@ def _rl_metrics(out: Path) -> dict[str, Any]:
     from mergekit_warp.pipeline.status import live_metrics
 
     return {k: v for k, v in live_metrics(out).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _maybe_kill(name: str) -> None:
-    if os.environ.get(KILL_AFTER_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _spawn():
-    import multiprocessing
-
-    return multiprocessing.get_context("spawn")
-
-
-class _Log:
-    """Step lines on stderr (stdout is kept for results)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.t0 = time.time()
-
-    def __call__(self, msg: str) -> None:
-        if self.enabled:
-            print(f"[warp pipeline {time.time() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)

@@ -7,25 +7,17 @@ import time
 from pathlib import Path
 
 from mergekit_warp.errors import WarpError
-from mergekit_warp.pipeline.manifest import MANIFEST, Manifest, Step, pid_alive
+from mergekit_warp.pipeline.layout import MANIFEST, Layout
+from mergekit_warp.pipeline.manifest import Manifest, Step, pid_alive
 
-# Metrics shown for RL runs, first match wins (names as logged by `warp rl` in metrics.jsonl).
-_RL_KEYS = (("step", ("step",)), ("r", ("reward", "reward_mean")), ("KL_init", ("kl_init", "kl_to_init")),
-            ("KL_anchor", ("kl_anchor", "kl", "kl_to_anchor")))
+# Metrics shown for RL runs: (label, name in metrics.jsonl).
+_RL_KEYS = (("step", "step"), ("r", "reward"), ("KL_init", "kl_init"), ("KL_anchor", "kl_anchor"))
 
 
 def planned_steps(config: dict) -> list[tuple[str, str]]:
-    """Every step a complete run has, in order: (name, kind)."""
-    names = []
-    I, M = config["iterations"], config["runs"]
-    for i in range(1, I + 1):
-        names += [(f"iter_{i}/run_{m}", "rl") for m in range(1, M + 1)]
-        if M > 1:
-            names.append((f"iter_{i}/slerp", "slerp"))
-        names.append(("final" if i == I else f"iter_{i}/liti", "liti"))
-    if config.get("eval", {}).get("enabled", True):
-        names.append(("eval", "pareto"))
-    return names
+    """Every step a complete run of `config` (the manifest's) has, in order: (name, kind)."""
+    lay = Layout(Path("."), config["iterations"], config["runs"])
+    return lay.steps(evaluate=config.get("eval", {}).get("enabled", True))
 
 
 def effective_status(step: Step | None, run_dir: Path) -> str:
@@ -61,10 +53,9 @@ def _metrics(step: Step | None, run_dir: Path) -> str:
         return ""
     if step.kind == "rl":
         parts = []
-        for label, keys in _RL_KEYS:
-            k = next((k for k in keys if k in m), None)
-            if k is not None:
-                v = m[k]
+        for label, k in _RL_KEYS:
+            v = m.get(k)
+            if v is not None:
                 parts.append(f"{label} {v:.3g}" if isinstance(v, float) else f"{label} {v}")
         return "  ".join(parts)
     if step.kind == "pareto":

@@ -230,6 +230,38 @@ def worker_process() -> Iterator[None]:
         os._exit(code)
 
 
+# Set by `train_on_group` for the `warp rl` it starts: that process calls `die_with_parent` first thing.
+DIE_WITH_PARENT = "WARP_DIE_WITH_PARENT"
+
+
+def die_with_parent() -> None:
+    """End this process when its parent dies, SIGKILL included (a worker must not outlive the pipeline
+    that started it and publish into a run nobody records): Linux's parent-death signal, else a thread
+    that watches the parent id."""
+    import signal
+
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGTERM) == 0:  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the signal was armed
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+    except (OSError, AttributeError):
+        pass
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="warp-parent-watch", daemon=True).start()
+
+
 # --- RL runs on a device group (the pipeline's `devices: [[cuda:0, cuda:1], ...]`) --------------------
 
 
@@ -254,15 +286,17 @@ def group_device(devices: list[str] | tuple[str, ...]) -> tuple[str, dict[str, s
 
 def rl_cli_args(cfg) -> list[str]:
     """The `warp rl` command-line arguments that rebuild RLConfig `cfg` (inverse of cli/rl.py)."""
+    from mergekit_warp.rl.config import flag
+
     args = []
-    for f in dataclasses.fields(cfg):
-        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+    for name in type(cfg).model_fields:
+        v = getattr(cfg, name)
         if v is None:
             continue
         if isinstance(v, bool):
-            args.append(flag if v else "--no-" + f.name.replace("_", "-"))
+            args.append(flag(name) if v else "--no-" + name.replace("_", "-"))
         else:
-            args += [flag, str(v)]
+            args += [flag(name), str(v)]
     return args
 
 
@@ -271,13 +305,12 @@ def train_on_group(cfg, devices: list[str] | tuple[str, ...], log: Path | None =
     private rendezvous, so several groups can run at once on one machine); 1 device → no torchrun.
     Worker output goes to `log` (appended) or to this process's stderr. Returns cfg.out; a failed run
     raises WarpError (the workers' own message when they stopped on a user error)."""
-    import dataclasses as dc
     import subprocess
 
     device, env = group_device(devices)
-    run_cfg = dc.replace(cfg, device=device if len(devices) > 1 else str(devices[0]))
+    run_cfg = cfg.model_copy(update={"device": device if len(devices) > 1 else str(devices[0])})
     if log:
-        run_cfg = dc.replace(run_cfg, progress=False)  # no live view in a log file
+        run_cfg = run_cfg.model_copy(update={"progress": False})  # no live view in a log file
     if len(devices) == 1:
         from mergekit_warp.rl.train import train
 
@@ -291,7 +324,7 @@ def train_on_group(cfg, devices: list[str] | tuple[str, ...], log: Path | None =
     argv = [sys.executable, "-m", "mergekit_warp", "rl", *rl_cli_args(run_cfg), "--nproc", str(spec.nproc)]
     sink = open(log, "a") if log else None
     try:
-        res = subprocess.run(argv, env=env, stdout=sink or subprocess.DEVNULL,
+        res = subprocess.run(argv, env={**env, DIE_WITH_PARENT: "1"}, stdout=sink or subprocess.DEVNULL,
                              stderr=subprocess.STDOUT if sink else None)
     finally:
         if sink:

@@ -4,11 +4,12 @@ Layout while running (OUT itself appears only at the end, atomically):
 
     OUT.partial/
       config.json          every RLConfig option of the run (checked on --resume)
-      state/               the last resumable state, replaced atomically (state.tmp → state):
-        policy.safetensors   policy parameters (fp32 master weights when the policy runs in bf16/fp16)
-        anchor.safetensors   fp32 EMA anchor (absent for --anchor init: it is the init)
-        optimizer.pt         Adam moments and step counts
-        progress.json        {"step": K} = optimiser steps done
+      state/               the last resumable state, replaced atomically (io.atomic.staged):
+        policy.safetensors     policy parameters (fp32 master weights when the policy runs in bf16/fp16)
+        anchor.safetensors     fp32 EMA anchor (absent for --anchor init: it is the init)
+        optimizer.safetensors  Adam's moments and step counts, keyed `PARAM_INDEX.NAME`
+        optimizer.json         Adam's hyper-parameters (param groups); safetensors + JSON carry no code
+        progress.json          {"step": K} = optimiser steps done
       checkpoints/step_K/  HF folders of the policy (--save-every), hard-linked into OUT at the end
       metrics.jsonl        one JSON line per step; lines after the state's step are dropped on resume
 
@@ -25,94 +26,132 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mergekit_warp.io.publish import copy_support_files, publishing, write_provenance
+from mergekit_warp.errors import WarpError
+from mergekit_warp.io.atomic import recover, staged, write_atomic
+from mergekit_warp.io.publish import copy_support_files, write_provenance
 from mergekit_warp.rl.dist_state import copy_full_into, shard_optimizer_state
+
+STATE = "state"
 
 
 def partial_dir(out: Path) -> Path:
     return Path(out).parent / f"{Path(out).name}.partial"
 
 
-def write_hf(model, tokenizer, src: str, folder: Path, state_dict: dict | None = None) -> None:
-    """Save `model` as an HF folder with the source's tokenizer files (unchanged when `src` is local).
+def write_hf(model, src: Path, folder: Path, state_dict: dict | None = None) -> None:
+    """Save `model` as an HF folder with the source folder's config/tokenizer files, unchanged.
     `state_dict`: the weights to write instead of the model's own (gathered from FSDP shards)."""
-    if Path(src).is_dir():
-        copy_support_files(Path(src), folder)
-    else:
-        tokenizer.save_pretrained(folder)
+    copy_support_files(Path(src), folder)
     kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}  # HF pops from it: copy
     model.save_pretrained(folder, **kwargs)  # after the copy: config.json must describe the saved dtype
 
 
-def write_checkpoint(
-    model, tokenizer, src: str, folder: Path, step: int, params: dict, state_dict: dict | None = None
-) -> None:
+def write_checkpoint(model, src: Path, folder: Path, step: int, params: dict, state_dict: dict | None = None) -> None:
     """Publish checkpoints/step_K atomically (replacing one left by a run that died before its state)."""
-    with publishing(folder, force=True) as tmp:
-        write_hf(model, tokenizer, src, tmp, state_dict)
+    with staged(folder, replace=True) as tmp:
+        write_hf(model, src, tmp, state_dict)
         write_provenance(tmp, "warp-rl-checkpoint", {**params, "step": step}, {"init": src})
 
 
-def _tensors(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _cpu(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in named.items()}
 
 
-def save_state(
-    work: Path,
-    step: int,
-    policy: dict[str, torch.Tensor],
-    anchor: dict[str, torch.Tensor] | None,
-    optimizer: torch.optim.Optimizer | dict,
-) -> None:
-    """Write state.tmp/ completely, then swap it in: a crash leaves either the old or the new state.
-    `optimizer`: the optimizer, or its state dict already gathered (`dist.optimizer_full_state`)."""
-    tmp, cur, old = work / "state.tmp", work / "state", work / "state.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_tensors(policy), tmp / "policy.safetensors")
-    if anchor is not None:
-        save_file(_tensors(anchor), tmp / "anchor.safetensors")
-    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "time": time.time()}))
-    if cur.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        cur.rename(old)
-    tmp.rename(cur)
-    shutil.rmtree(old, ignore_errors=True)
+def save_state(work: Path, step: int, policy: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor] | None,
+               optimizer: dict) -> None:
+    """Write the resumable state (see the module docstring); a crash leaves the old state or the new.
+    `optimizer`: an optimizer state dict with full tensors."""
+    tensors, meta = {}, {"param_groups": optimizer["param_groups"], "state": {}}
+    for i, st in optimizer["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{i}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                meta["state"].setdefault(str(i), {})[k] = v
+    with staged(work / STATE, replace=True) as tmp:
+        save_file(_cpu(policy), tmp / "policy.safetensors")
+        if anchor is not None:
+            save_file(_cpu(anchor), tmp / "anchor.safetensors")
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "time": time.time()}))
 
 
-def state_folder(work: Path) -> Path | None:
-    """The complete state, if any (state/, or state.old/ when a crash hit the swap)."""
-    for name in ("state", "state.old"):
-        if (work / name / "progress.json").is_file():
-            return work / name
-    return None
+def repair(work: Path) -> None:
+    """Finish or undo a state save that a kill interrupted (call it holding the run's lock)."""
+    recover(work / STATE)
 
 
-def load_step(folder: Path) -> int:
-    return int(json.loads((folder / "progress.json").read_text())["step"])
+def state_step(work: Path) -> int | None:
+    """Optimiser steps done by the saved state; None if there is none."""
+    if not (work / STATE).is_dir():
+        return None
+    try:
+        return int(json.loads((work / STATE / "progress.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise damaged(work, "state/progress.json") from None
+
+
+def saved_step(work: Path) -> int | None:
+    """`state_step`, or None when the state is missing or unreadable (for messages)."""
+    try:
+        return state_step(work)
+    except WarpError:
+        return None
+
+
+def damaged(work: Path, what: str) -> WarpError:
+    return WarpError(f"the resumable state in {work} is damaged ({what} is missing or unreadable); "
+                     "rerun with --force to start the run over")
 
 
 @torch.no_grad()
-def load_state(
-    folder: Path,
-    policy: dict[str, torch.Tensor],
-    anchor: dict[str, torch.Tensor] | None,
-    optimizer: torch.optim.Optimizer,
-) -> int:
-    """Copy a saved state into the live tensors (in place) and return the step it was taken at.
+def load_state(work: Path, policy: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor] | None,
+               optimizer: torch.optim.Optimizer) -> int:
+    """Copy the saved state into the live tensors (in place) and return the step it was taken at.
     Files hold full tensors; FSDP-sharded tensors take their own shard (any --nproc can resume)."""
-    for named, f in ((policy, "policy"), (anchor, "anchor")):
-        if named is None:
-            continue
-        saved = load_file(folder / f"{f}.safetensors")
-        for k, v in named.items():
-            copy_full_into(v, saved[k])
-    osd = torch.load(folder / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(shard_optimizer_state(optimizer, osd))
-    return load_step(folder)
+    folder = work / STATE
+    step = state_step(work)
+    if step is None:
+        raise damaged(work, "state/")
+    try:
+        for named, f in ((policy, "policy"), (anchor, "anchor")):
+            if named is None:
+                continue
+            saved = load_file(folder / f"{f}.safetensors")
+            for k, v in named.items():
+                copy_full_into(v, saved[k])
+        meta = json.loads((folder / "optimizer.json").read_text())
+        state: dict[int, dict] = {}
+        for key, v in load_file(folder / "optimizer.safetensors").items():
+            i, k = key.split(".", 1)
+            state.setdefault(int(i), {})[k] = v
+        for i, st in meta["state"].items():
+            state.setdefault(int(i), {}).update(st)
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, {"state": state, "param_groups": meta["param_groups"]}))
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise damaged(work, f"{folder.name}/: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return step
+
+
+def read_config(work: Path) -> dict:
+    try:
+        cfg = json.loads((work / "config.json").read_text())
+    except (OSError, ValueError):
+        raise damaged(work, "config.json") from None
+    if not isinstance(cfg, dict):
+        raise damaged(work, "config.json")
+    return cfg
+
+
+def start_work(work: Path, config: dict) -> None:
+    """A fresh work folder holding the run's config."""
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "checkpoints").mkdir(parents=True)
+    write_atomic(work / "config.json", json.dumps(config, indent=2))
 
 
 def trim_after(work: Path, step: int) -> None:
@@ -120,17 +159,19 @@ def trim_after(work: Path, step: int) -> None:
     log = work / "metrics.jsonl"
     if log.is_file():
         keep = []
-        for ln in log.read_text().splitlines():
+        for ln in log.read_text(errors="replace").splitlines():
             try:
                 if json.loads(ln)["step"] <= step:
                     keep.append(ln)
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass  # a line cut short by a kill
-        log.write_text("".join(ln + "\n" for ln in keep))
-    for ck in (work / "checkpoints").iterdir():
+        write_atomic(log, "".join(ln + "\n" for ln in keep))
+    ckpts = work / "checkpoints"
+    ckpts.mkdir(exist_ok=True)
+    for ck in ckpts.iterdir():
         # later steps, and temporary folders of a checkpoint whose writing was killed
-        if not ck.name.startswith("step_") or int(ck.name.split("_")[1]) > step:
-            shutil.rmtree(ck)
+        if not (ck.name.startswith("step_") and ck.name[5:].isdigit()) or int(ck.name[5:]) > step:
+            shutil.rmtree(ck) if ck.is_dir() else ck.unlink()
 
 
 def append_metrics(work: Path, record: dict) -> None:

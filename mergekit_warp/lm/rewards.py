@@ -47,13 +47,15 @@ def _callable(spec: str) -> RewardFn:
         sys.modules[mod_name] = module  # lets pickling / dataclasses inside the file resolve the module
         try:
             loader.loader.exec_module(module)
-        except Exception as e:  # the user's file: report, don't crash with a traceback into our code
+        except (Exception, SystemExit) as e:  # the user's file: report, don't crash with a traceback into our code
             raise WarpError(f"reward {spec}: importing {path} failed ({type(e).__name__}: {e})") from None
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
             raise WarpError(f"reward {spec}: cannot import module {target} ({e})") from None
+        except (Exception, SystemExit) as e:
+            raise WarpError(f"reward {spec}: importing module {target} failed ({type(e).__name__}: {e})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise WarpError(f"reward {spec}: {target} has no callable {name}")
@@ -64,22 +66,18 @@ def reward_model(src: str, device: str = "cpu", batch: int = 16, prepare=None) -
     """An HF sequence-classification model with one label; its logit is the reward. `prepare(model)`,
     when given, returns the model to use (data-parallel runs shard it with FSDP there)."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from mergekit_warp.devices import resolve_device
+    from mergekit_warp.lm.models import load_model, load_tokenizer
 
     dev = resolve_device(device)
-    try:  # with `prepare` (FSDP sharding) the model is read into CPU memory and placed by it
-        model = AutoModelForSequenceClassification.from_pretrained(src).to("cpu" if prepare else dev).eval()
-        tok = AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise WarpError(f"reward model {src}: cannot be loaded ({str(e).splitlines()[0]})") from None
+    # with `prepare` (FSDP sharding) the model is read into CPU memory and placed by it
+    model = load_model(src, "fp32", "cpu" if prepare else device, head="reward")
+    tok = load_tokenizer(src, padding_side=None)
     if model.config.num_labels != 1:
         raise WarpError(
             f"reward model {src} has {model.config.num_labels} labels; a reward model must output one logit"
         )
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     if prepare is not None:
@@ -112,6 +110,8 @@ def validated(fn: RewardFn, name: str, length_penalty: float = 0.0, tokenizer=No
     def reward(prompts: list[str], completions: list[str]) -> list[float]:
         try:
             out = fn(list(prompts), list(completions))
+        except SystemExit as e:  # the user's code: an exit there must not end warp silently
+            raise WarpError(f"reward {name} called sys.exit({e.code}); a reward must return one float per completion") from None
         except Exception as e:
             raise WarpError(f"reward {name} raised {type(e).__name__}: {e}") from None
         try:
@@ -139,11 +139,39 @@ def load_reward(spec: str, device: str = "cpu", length_penalty: float = 0.0, tok
         fn = BUILTIN[spec]()
     elif ":" in spec and not Path(spec).is_dir():
         fn = _callable(spec)
+    elif Path(spec).is_file() and spec.endswith(".py"):
+        raise WarpError(f"reward {spec}: name the function in the file: {spec}:FUNCTION")
     else:
-        from mergekit_warp.rl.models import _check_source
-
-        fn = reward_model(_check_source(spec, "reward model"), device, prepare=prepare)
+        fn = reward_model(spec, device, prepare=prepare)
     return validated(fn, spec, length_penalty, tokenizer)
+
+
+def check_reward(spec: str) -> None:
+    """Check a reward spec without loading a reward model's weights: a builtin name, an importable
+    `module:function` / `file.py:function` (imported, so it runs that file), or a reward model folder
+    whose headers are valid."""
+    spec = str(spec)
+    if spec in BUILTIN:
+        return
+    if ":" in spec and not Path(spec).is_dir():
+        _callable(spec)
+    elif Path(spec).is_file() and spec.endswith(".py"):
+        raise WarpError(f"reward {spec}: name the function in the file: {spec}:FUNCTION")
+    else:
+        from mergekit_warp.lm.models import model_folder
+
+        model_folder(spec, "reward model")
+
+
+def reward_inputs(spec: str) -> list[Path]:
+    """The file or folder a reward spec reads (`file.py:fn` → the file, a reward model → its folder)."""
+    spec = str(spec)
+    if spec in BUILTIN:
+        return []
+    if ":" in spec and not Path(spec).is_dir():
+        target = spec.rsplit(":", 1)[0]
+        return [Path(target)] if Path(target).is_file() else []
+    return [Path(spec)] if Path(spec).exists() else []
 
 
 def describe_reward(spec: str) -> dict[str, str]:

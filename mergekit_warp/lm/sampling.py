@@ -15,13 +15,13 @@ attention mask, so a padded row scores exactly like the same row alone.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mergekit_warp.rl.dist import all_ranks_done, plain_forwards_only
 
 
 @dataclass
@@ -142,6 +142,7 @@ def generate(
     generator_seed: int | None = None,
     share_prefix: bool = True,
     row_offset: int = 0,
+    all_done: Callable[[bool], bool] | None = None,
 ) -> Rollout:
     """Sample one completion per prompt at `temperature` (ancestral sampling, KV cache).
 
@@ -151,7 +152,9 @@ def generate(
     (generator_seed, row_offset + i): a completion does not depend on which other prompts share the
     batch, so a data-parallel run (each rank a slice, `row_offset` = its first global row) samples
     exactly what one process sampling the whole batch would. With `share_prefix`, a prompt prefix
-    common to all rows is prefilled once (see `forward_shared`).
+    common to all rows is prefilled once (see `forward_shared`; data-parallel callers turn it off, as
+    their forwards must line up across ranks). `all_done(done_here)`: whether every rank's rows have
+    ended (sharded models must keep stepping together); default: this batch alone decides.
     """
     dev = next(model.parameters()).device
     seed = generator_seed if generator_seed is not None else int(torch.randint(2**62, (1,)))
@@ -165,7 +168,7 @@ def generate(
 
     cache_kw = _cache_kw(model)
     pos = positions(mask)
-    S = shared_prefix(ids, mask, None) if share_prefix and not plain_forwards_only(model) else 0
+    S = shared_prefix(ids, mask, None) if share_prefix else 0
     if S >= MIN_SHARED:  # prefill the common prefix once (the chat template's system prompt, say)
         out, attn = forward_shared(model, ids, mask, S, logits_to_keep=1)
     else:
@@ -186,7 +189,7 @@ def generate(
         tokens.append(tok)
         live.append(active)
         done = done | torch.isin(tok, eos)
-        if all_ranks_done(bool(done.all()), model):
+        if (all_done or bool)(bool(done.all())):
             break
         # Finished rows keep being fed (pad, masked later): a fixed batch keeps the cache simple.
         attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=dev)], dim=1)
@@ -233,7 +236,7 @@ def sequence_logprobs(
     # Activation checkpointing drops the KV cache inside each layer while grad is on: share nothing then.
     flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
     checkpointing = model.training and torch.is_grad_enabled() and bool(getattr(model, flag, False))
-    S = shared_prefix(input_ids, attention_mask, completion_mask) if share_prefix and not checkpointing and not plain_forwards_only(model) else 0
+    S = shared_prefix(input_ids, attention_mask, completion_mask) if share_prefix and not checkpointing else 0
     if S >= MIN_SHARED:
         out, _ = forward_shared(model, input_ids, attention_mask, S, logits_to_keep=keep)
     else:
