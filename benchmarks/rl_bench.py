@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 PROMPTS = [
     "Describe your morning.", "What do you think of rainy days?", "Tell me about your neighbour's dog.",
@@ -86,8 +87,8 @@ def run_trl(a: argparse.Namespace) -> dict:
         return [sia.polarity_scores(t)["compound"] for t in texts]
 
     class Timer(TrainerCallback):
-        times: list[float] = []
-        cpu: list[float] = []
+        times: ClassVar[list[float]] = []
+        cpu: ClassVar[list[float]] = []
 
         def on_step_begin(self, args, state, control, **kw):
             self.t, self.c = time.perf_counter(), time.process_time()

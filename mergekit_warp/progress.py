@@ -33,8 +33,14 @@ class Bytes:
         if not self.enabled:
             yield lambda nbytes, ntensors: None
             return
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         bar = Progress(TextColumn("{task.description:<6}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                        TextColumn("{task.fields[tensors]} tensors"), TimeRemainingColumn(), console=_console())

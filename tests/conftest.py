@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tiny import make_tiny_llama, perturb  # noqa: E402
+from tiny import make_tiny_llama, perturb
 
 
 @pytest.fixture(scope="session")

@@ -81,8 +81,9 @@ def make_reward_model(folder: Path) -> Path:
 
 
 def core_checks(rank: int, world: int, out: str, rm: str) -> None:
-    from mergekit_warp.rl import dist
     from mergekit_warp.lm.rewards import reward_model
+    from mergekit_warp.rl import dist
+    from mergekit_warp.rl.dist_state import full_tensors
 
     info = dist.init_distributed("cpu")
     res: dict = {"info": (info.rank, info.world_size, info.local_rank, info.device)}
@@ -120,11 +121,11 @@ def core_checks(rank: int, world: int, out: str, rm: str) -> None:
     res["fsdp_sharded"] = dist.is_sharded(policy)
     w = policy.model.layers[0].mlp.up_proj.weight
     res["fsdp_local_rows"] = dist.local_tensor(w).shape[0]
-    before = dist.full_state_dict(policy, info)
+    before = full_tensors(dict(dist.unwrap(policy).state_dict()))  # collective: every rank
     opt = torch.optim.SGD(policy.parameters(), lr=0.1)
     (seq_loss(policy, rows).sum() / n_local).backward()
     opt.step()
-    after = dist.full_state_dict(policy, info)
+    after = full_tensors(dict(dist.unwrap(policy).state_dict()))
     # EMA on the local shards of an identically sharded anchor: θ_a ← (1-μ)θ_a + μθ.
     anchor = dist.shard_model(tiny_model(seed=0).requires_grad_(False), info)
     with torch.no_grad():
@@ -132,13 +133,13 @@ def core_checks(rank: int, world: int, out: str, rm: str) -> None:
         for a, p in zip(anchor.parameters(), policy.parameters()):
             dist.local_tensor(a).lerp_(dist.local_tensor(p), 0.25)
         res["fsdp_ema_logits"] = anchor(input_ids=rows).logits
-    ema = dist.full_state_dict(anchor, info)
+    ema = full_tensors(dict(anchor.state_dict()))
     if rank == 0:
         res.update(fsdp_before=before, fsdp_after=after, fsdp_ema=ema)
         # The gathered dict saves as a normal HF folder.
         dist.unwrap(policy).save_pretrained(Path(out) / "fsdp_hf", state_dict=dict(after))  # it pops keys
     else:
-        res["fsdp_other_rank_empty"] = before == {} and after == {}
+        res["fsdp_same_on_other_rank"] = all(torch.equal(before[k], v) for k, v in full_tensors(dict(tiny_model(seed=0).state_dict())).items())
     # A reward model sharded like the policy scores this rank's completions like an unsharded one.
     prepared = []
     score = reward_model(rm, "cpu", batch=1, prepare=lambda m: prepared.append(dist.shard_model(m, info)) or prepared[-1])

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tiny import WORDS, make_tiny_llama
 
 TOY_REWARD = str(Path(__file__).with_name("pipeline_toy_reward.py"))

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from pipeline_fixtures import RL, pipe_init, reference_run, write_config  # noqa: F401  (fixtures)
+from tiny import load_state
 
 from mergekit_warp.errors import WarpError
 from mergekit_warp.pipeline.config import load_config
 from mergekit_warp.pipeline.manifest import Manifest
 from mergekit_warp.pipeline.run import run_pipeline
-from pipeline_fixtures import RL, pipe_init, reference_run, write_config  # noqa: F401  (fixtures)
-from tiny import load_state
 
 
 @pytest.mark.slow

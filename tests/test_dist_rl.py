@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.testing import assert_close
-
 from tiny import load_state
+from torch.testing import assert_close
 
 from mergekit_warp.rl import launch
 from mergekit_warp.rl.config import RLConfig

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_fixtures import TOY_REWARD, pipe_init, reference_run  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 from mergekit_warp.cli import app
@@ -16,7 +17,6 @@ from mergekit_warp.eval.score import Evaluator
 from mergekit_warp.eval.settings import EvalSettings
 from mergekit_warp.lm.heldout import mean_se
 from mergekit_warp.pipeline.manifest import Manifest
-from pipeline_fixtures import TOY_REWARD, pipe_init, reference_run  # noqa: F401  (fixtures)
 
 runner = CliRunner()
 

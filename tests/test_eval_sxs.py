@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pipeline_fixtures import TOY_REWARD, pipe_init, reference_run  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 from mergekit_warp.cli import app
 from mergekit_warp.errors import WarpError
 from mergekit_warp.eval.settings import EvalSettings
 from mergekit_warp.eval.sxs import bootstrap_ci, check_thresholds, score_margins, summarize, sxs
-from pipeline_fixtures import TOY_REWARD, pipe_init, reference_run  # noqa: F401  (fixtures)
 
 runner = CliRunner()
 

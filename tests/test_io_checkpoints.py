@@ -63,7 +63,7 @@ def test_hub_ids_resolve_through_the_local_cache(tiny_init, tiny_runs, tmp_path,
 def test_hub_revision_and_missing_revision(tiny_init, offline_cache):
     cache_repo(offline_cache, "warp-test/init", tiny_init)
     assert resolve_source("warp-test/init", revision=COMMIT).revision == COMMIT
-    with pytest.raises(WarpError, match="warp-test/init.*v9"):
+    with pytest.raises(WarpError, match=r"warp-test/init.*v9"):
         resolve_source("warp-test/init", revision="v9")
 
 
@@ -71,7 +71,7 @@ def test_hub_repo_with_only_pickle_weights(tiny_init, offline_cache):
     snap = cache_repo(offline_cache, "warp-test/old", tiny_init)
     (snap / "model.safetensors").unlink()
     (snap / "pytorch_model.bin").write_bytes(b"not really")
-    with pytest.raises(WarpError, match="no safetensors weights.*pickle"):
+    with pytest.raises(WarpError, match=r"no safetensors weights.*pickle"):
         resolve_source("warp-test/old")
 
 

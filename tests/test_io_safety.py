@@ -98,7 +98,7 @@ def test_read_header_refuses(tmp_path, case):
 
 def test_refusals_reach_checkpoint_reader(tmp_path):
     f = craft(tmp_path / "x.safetensors", {"a": f32(0, 8), "b": f32(0, 8)}, bytes(8))
-    with pytest.raises(WarpError, match="x.safetensors: truncated or corrupt"):
+    with pytest.raises(WarpError, match=r"x\.safetensors: truncated or corrupt"):
         CheckpointReader(resolve_source(f))
 
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_fixtures import pipe_init, write_config  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
 from mergekit_warp.cli import app
 from mergekit_warp.errors import WarpError
 from mergekit_warp.pipeline.config import load_config
-from pipeline_fixtures import pipe_init, write_config  # noqa: F401  (fixture)
 
 runner = CliRunner()
 

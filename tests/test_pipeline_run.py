@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_fixtures import RL, pipe_init, reference_run, write_config  # noqa: F401  (fixtures)
+from tiny import load_state
 from typer.testing import CliRunner
 
 from mergekit_warp.cli import app
 from mergekit_warp.pipeline.manifest import Manifest, output_hash
 from mergekit_warp.pipeline.run import run_pipeline
 from mergekit_warp.pipeline.status import counts, planned_steps
-from pipeline_fixtures import RL, pipe_init, reference_run, write_config  # noqa: F401  (fixtures)
-from tiny import load_state
 
 STEPS = ["iter_1/run_1", "iter_1/run_2", "iter_1/slerp", "iter_1/liti",
          "iter_2/run_1", "iter_2/run_2", "iter_2/slerp", "final", "eval"]

@@ -231,9 +231,8 @@ def bad_files(files):
     (files / "empty.jsonl").write_text("\n")
     (files / "long.jsonl").write_text(json.dumps({"prompt": " ".join(["the"] * 125)}) + "\n")
     if not (files / "rm2").exists():
-        from transformers import LlamaForSequenceClassification
-
         from tiny import tiny_config
+        from transformers import LlamaForSequenceClassification
 
         c = tiny_config(len(make_tokenizer()))
         c.num_labels = 2

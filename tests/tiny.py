@@ -9,11 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-WORDS = (
-    "the a good bad happy sad great awful love hate movie film day night cat dog is was very not "
-    "and or but i you we they it this that so really quite nice terrible wonderful okay fine "
-    "yes no maybe please thanks hello bye red blue green big small fast slow one two three"
-).split()
+WORDS = ["the", "a", "good", "bad", "happy", "sad", "great", "awful", "love", "hate", "movie", "film", "day", "night", "cat", "dog", "is", "was", "very", "not", "and", "or", "but", "i", "you", "we", "they", "it", "this", "that", "so", "really", "quite", "nice", "terrible", "wonderful", "okay", "fine", "yes", "no", "maybe", "please", "thanks", "hello", "bye", "red", "blue", "green", "big", "small", "fast", "slow", "one", "two", "three"]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"

@@ -3,6 +3,7 @@ sampling options of `score` and `sxs` are generated from `EvalSettings`, shared 
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Optional
 
@@ -31,9 +32,7 @@ def _floats(text: str, option: str) -> list[float]:
         raise WarpError(f"{option} {text!r}: give comma-separated numbers, e.g. 0,0.3,1") from None
 
 
-def _param(name: str, annotation, default) -> "inspect.Parameter":
-    import inspect
-
+def _param(name: str, annotation, default) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 

@@ -9,6 +9,7 @@ from mergekit_warp.cli.common import options_from, user_errors, with_parameters
 from mergekit_warp.rl import launch
 from mergekit_warp.rl.config import RLConfig, make_config
 
+
 def register(app: typer.Typer) -> None:
     """Add `warp rl` to the top-level app."""
 

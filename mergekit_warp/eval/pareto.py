@@ -11,6 +11,7 @@ from its run folder.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -180,7 +181,7 @@ def summarize(points: list[Point], settings: EvalSettings, reward: str) -> tuple
     head["merged_above_init"] = {"ok": first["verdict"] == "yes", **first}
 
     # Promise 2: each iteration's front at or above the previous one over their common KL range.
-    for a, b in zip(iters, iters[1:]):
+    for a, b in itertools.pairwise(iters):
         g = front_gap(front(points, a), front(points, b))
         key = f"front_{b}_vs_{a}"
         if g is None:

@@ -106,10 +106,8 @@ class Evaluator:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise WarpError(f"tensor {name} of checkpoint {folder} holds NaN/inf values; "
                                 "the checkpoint is corrupt: re-create it (or drop it from the evaluation)")
-        if a is b or not a.is_floating_point():
-            v = a  # plain load, or a non-float buffer (never interpolated; taken from the target)
-        else:
-            v = mmath.liti(a.float(), b.float(), eta)
+        # a plain load, or a non-float buffer (never interpolated; taken from the target)
+        v = a if a is b or not a.is_floating_point() else mmath.liti(a.float(), b.float(), eta)
         v = v.to(dst.dtype)  # `a` itself for a plain load in the same dtype: checked above
         if v is not a and v.is_floating_point() and not bool(torch.isfinite(v).all()):  # finite inputs: an overflow
             if a is b:

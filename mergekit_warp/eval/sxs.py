@@ -97,7 +97,7 @@ def check_margins(out: object, spec: str, n: int) -> list[float]:
         raise WarpError(f"judge {spec} returned {type(out).__name__}; it must return a list of floats, one margin per pair")
     try:
         values = list(out)
-    except Exception as e:  # noqa: BLE001  (a generator of the user's judge may raise anything)
+    except Exception as e:
         raise WarpError(f"judge {spec} raised {type(e).__name__}: {e}") from None
     if len(values) != n:
         raise WarpError(f"judge {spec} returned {len(values)} margins for {n} pairs (first bad pair: {min(len(values), n)}); "
@@ -131,7 +131,7 @@ def load_judge(spec: str, device: str = "cpu", tokenizer=None) -> PairJudge:
             def pair(prompts: list[str], a: list[str], b: list[str]) -> list[float]:
                 try:
                     out = fn(prompts, a, b)
-                except Exception as e:  # noqa: BLE001  (the user's judge: report it, as rewards.validated does)
+                except Exception as e:
                     raise WarpError(f"judge {spec} raised {type(e).__name__}: {e}") from None
                 return check_margins(out, spec, len(a))
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from mergekit_warp.dtypes import CODES
 from mergekit_warp.errors import WarpError
-from mergekit_warp.io.reader import CODES, CheckpointReader
+from mergekit_warp.io.reader import CheckpointReader
 
 
 def _listing(names: list[str], k: int = 3) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 from mergekit_warp import __version__
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.atomic import staged
+from mergekit_warp.io.reader import header_bytes
 
 PROVENANCE = "warp_provenance.json"
 # Files copied from the init (or first model) so the output loads like its source in `transformers`.
@@ -107,10 +108,9 @@ def fingerprint(path: Path) -> str:
     for f in files:
         h.update(f.name.encode())
         if f.suffix == ".safetensors":
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(min(n, 100_000_000)))
-            h.update(str(f.stat().st_size).encode())
+            raw, size = header_bytes(f)
+            h.update(raw)
+            h.update(str(size).encode())
         else:
             h.update(f.read_bytes())
     if path.is_dir() and not files:

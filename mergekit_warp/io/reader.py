@@ -19,27 +19,10 @@ from pathlib import Path
 
 import torch
 
+from mergekit_warp.dtypes import SAFETENSORS
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.source import Source
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-}
-CODES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100_000_000  # the safetensors spec's own limit
 
 
@@ -93,6 +76,25 @@ def _is_uint(x: object) -> bool:
     return type(x) is int and x >= 0  # `type(...) is int`: refuses bools (an int subclass) and floats
 
 
+def header_bytes(file: Path) -> tuple[bytes, int]:
+    """The raw JSON header of a safetensors file and the file's size (the header's length checked
+    against the file and the format's bound)."""
+    file = Path(file)
+    size = file.stat().st_size
+    bad = f"{file}: truncated or corrupt safetensors file"
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise WarpError(f"{bad} (only {size} bytes); re-download or re-save it")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise WarpError(f"{bad} (header length {n} does not fit in {size} bytes); re-download or re-save it")
+        raw = fh.read(n)
+    if len(raw) != n:
+        raise WarpError(f"{bad} (header cut short: {len(raw)} of {n} bytes); re-download or re-save it")
+    return raw, size
+
+
 def read_header(file: Path) -> dict[str, TensorInfo]:
     """Parse and validate one safetensors file's header; `WarpError` naming the file if it is
     truncated, corrupt or not safetensors at all.
@@ -103,19 +105,10 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     offset, tile the data buffer exactly (first at 0, no overlap, no hole, nothing after the last).
     """
     file = Path(file)
-    size = file.stat().st_size
+    raw, size = header_bytes(file)
+    n = len(raw)
     bad = f"{file}: truncated or corrupt safetensors file"
     fix = "re-download or re-save it"
-    with open(file, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise WarpError(f"{bad} (only {size} bytes); {fix}")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise WarpError(f"{bad} (header length {n} does not fit in {size} bytes); {fix}")
-        raw = fh.read(n)
-    if len(raw) != n:
-        raise WarpError(f"{bad} (header cut short: {len(raw)} of {n} bytes); {fix}")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except _Duplicate as e:
@@ -140,7 +133,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         if not isinstance(entry, dict):
             raise WarpError(f"{bad} (bad entry for tensor {name}: not an object); {fix}")
         code = entry.get("dtype")
-        dtype = DTYPES.get(code) if isinstance(code, str) else None
+        dtype = SAFETENSORS.get(code) if isinstance(code, str) else None
         if dtype is None:
             what = "no dtype" if code is None else f"unknown dtype {code!r}"
             raise WarpError(f"{bad} (tensor {name}: {what}); {fix}")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from mergekit_warp.dtypes import CODES
 from mergekit_warp.errors import WarpError
-from mergekit_warp.io.reader import CODES
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -111,7 +111,7 @@ class ShardWriter:
         if self._fh:
             self._fh.close()
         self._shard = shard
-        self._fh = open(self.folder / self.files[shard], "wb")
+        self._fh = open(self.folder / self.files[shard], "wb")  # noqa: SIM115  (open across write() calls; closed in close/abort)
         self._fh.write(_header(self.shards[shard]))
 
     def abort(self) -> None:

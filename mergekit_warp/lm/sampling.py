@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 @dataclass
 class Rollout:
     input_ids: torch.Tensor

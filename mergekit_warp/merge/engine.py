@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mergekit_warp.dtypes import hf_name
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.publish import copy_support_files
 from mergekit_warp.io.reader import CheckpointReader
@@ -159,7 +160,7 @@ def _stream_tensor(readers: list[CheckpointReader], ref: int, t: OutTensor, comb
             continue
         seen: set[int] = set()
 
-        def fetch(i: int, start: int = start, stop: int = stop) -> Tensor:
+        def fetch(i: int, start: int = start, stop: int = stop, seen: set[int] = seen) -> Tensor:
             seen.add(i)
             return fetch_raw(readers[i], t.name, start, stop, device)
 
@@ -177,7 +178,7 @@ def finish_folder(folder: Path, support_from: Path | None, dtype: torch.dtype | 
     cfg = folder / "config.json"
     if dtype is not None and cfg.is_file():
         data = json.loads(cfg.read_text())
-        name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+        name = hf_name(dtype)
         for key in ("torch_dtype", "dtype"):
             if key in data:
                 data[key] = name

@@ -18,11 +18,6 @@ SIN_EPS = 1e-6
 ZERO_EPS = 1e-12
 
 
-def task_vector(theta: Tensor, theta_init: Tensor) -> Tensor:
-    """δ = θ − θ_init, in at least fp32."""
-    return theta.float() - theta_init.float()
-
-
 def lerp(a: Tensor, b: Tensor, lam: float) -> Tensor:
     """(1 − λ)·a + λ·b."""
     return (1.0 - lam) * a.float() + lam * b.float()
@@ -42,28 +37,6 @@ def slerp_coeffs(dot: float, norm1: float, norm2: float, lam: float) -> tuple[fl
     if sin < SIN_EPS:
         return 1.0 - lam, lam
     return math.sin((1.0 - lam) * omega) / sin, math.sin(lam * omega) / sin
-
-
-def slerp(
-    delta1: Tensor,
-    delta2: Tensor,
-    lam: float,
-    *,
-    dot: float | None = None,
-    norm1: float | None = None,
-    norm2: float | None = None,
-) -> Tensor:
-    """SLERP of two task vectors (any shape). `dot`/`norm1`/`norm2` may be given precomputed (e.g. over a
-    whole transformer block while `delta1`/`delta2` are one tensor of it); otherwise computed here in fp64."""
-    d1, d2 = delta1.float(), delta2.float()
-    if dot is None:
-        dot = float(torch.dot(d1.double().flatten(), d2.double().flatten()))
-    if norm1 is None:
-        norm1 = float(d1.double().norm())
-    if norm2 is None:
-        norm2 = float(d2.double().norm())
-    w1, w2 = slerp_coeffs(dot, norm1, norm2, lam)
-    return w1 * d1 + w2 * d2
 
 
 def slerp_weights(gram: Tensor, lam: float | None = None) -> Tensor:
@@ -89,11 +62,6 @@ def slerp_weights(gram: Tensor, lam: float | None = None) -> Tensor:
         c = w_s * c
         c[k] = w_k
     return c
-
-
-def ema_step(theta_ema: Tensor, theta: Tensor, mu: float) -> Tensor:
-    """θ_ema ← (1 − μ)·θ_ema + μ·θ."""
-    return (1.0 - mu) * theta_ema.float() + mu * theta.float()
 
 
 def liti(theta_init: Tensor, theta_merged: Tensor, eta: float) -> Tensor:
@@ -124,8 +92,3 @@ def gram(x: Tensor) -> Tensor:
         tail = x[:, m:].double()
         g += tail @ tail.T
     return g
-
-
-def task_norm_after_lerp(norm: float, cos_omega: float, lam: float) -> float:
-    """‖LERP(δ1, δ2, λ)‖ when ‖δ1‖ = ‖δ2‖ = norm (WARP App. B): norm·√(1 − 2(1 − cos Ω)(λ − λ²))."""
-    return norm * math.sqrt(1.0 - 2.0 * (1.0 - cos_omega) * (lam - lam * lam))

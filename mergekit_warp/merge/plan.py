@@ -85,7 +85,7 @@ def value_at(schedule: tuple[float, ...] | list[float], layer: int, n_layers: in
     if len(schedule) == 1 or n_layers <= 1:
         return float(schedule[0])
     pos = layer / (n_layers - 1) * (len(schedule) - 1)
-    lo = min(int(math.floor(pos)), len(schedule) - 2)
+    lo = min(math.floor(pos), len(schedule) - 2)
     frac = pos - lo
     return float(schedule[lo] * (1 - frac) + schedule[lo + 1] * frac)
 

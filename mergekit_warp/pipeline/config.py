@@ -72,7 +72,7 @@ class Liti(_Frozen):
     """Permit η outside [0, 1] (ExPO-style extrapolation)."""
 
     @model_validator(mode="after")
-    def _eta_range(self) -> "Liti":
+    def _eta_range(self) -> Liti:
         for name in ("eta", "final_eta"):
             v = getattr(self, name)
             if v is not None and not self.allow_extrapolation and not 0.0 <= v <= 1.0:
@@ -127,7 +127,7 @@ class PipelineConfig(_Frozen):
     eval: Eval = Eval()
 
     @model_validator(mode="after")
-    def _lengths(self) -> "PipelineConfig":
+    def _lengths(self) -> PipelineConfig:
         if self.seeds is not None and len(self.seeds) != self.runs:
             raise ValueError(f"seeds: has {len(self.seeds)} values but runs is {self.runs}")
         if self.per_run is not None and len(self.per_run) != self.runs:

@@ -21,6 +21,7 @@ from mergekit_warp.errors import WarpError
 from mergekit_warp.io.atomic import write_atomic
 from mergekit_warp.io.publish import PROVENANCE, fingerprint
 from mergekit_warp.pipeline.layout import MANIFEST
+
 Status = Literal["pending", "running", "done", "failed"]
 
 
@@ -30,7 +31,10 @@ def output_hash(path: Path) -> str:
     path = Path(path)
     if not path.exists():
         return "missing"
-    h = fingerprint(path)
+    try:
+        h = fingerprint(path)
+    except WarpError:  # a damaged output: it matches no record, so its step is redone
+        return "unreadable"
     prov = path / PROVENANCE
     if path.is_dir() and prov.is_file():
         h += "+prov:" + hashlib.sha256(prov.read_bytes()).hexdigest()[:16]
@@ -72,7 +76,7 @@ class Manifest:
         return self.run_dir / MANIFEST
 
     @classmethod
-    def load(cls, run_dir: Path) -> "Manifest":
+    def load(cls, run_dir: Path) -> Manifest:
         path = Path(run_dir) / MANIFEST
         try:
             raw = json.loads(path.read_text())

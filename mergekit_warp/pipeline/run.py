@@ -184,7 +184,7 @@ def _rl_runs(cfg: PipelineConfig, lay: Layout, manifest: Manifest, i: int, init:
             group = cfg.group(m)
             log(f"{name}: RL on {','.join(group)}, seed {rl_cfg.seed}, {rl_cfg.steps} steps")
             manifest.start(name, "rl", {"init": init}, device=",".join(group))
-            _guarded(manifest, name, lambda: _train(rl_cfg, group))
+            _guarded(manifest, name, lambda rl_cfg=rl_cfg, group=group: _train(rl_cfg, group))
             manifest.finish(name, rl_cfg.out, _rl_metrics(rl_cfg.out))
         return runs
 

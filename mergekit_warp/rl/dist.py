@@ -52,8 +52,6 @@ class DistInfo:
         return self.world_size > 1
 
 
-SINGLE = DistInfo()
-
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
@@ -293,20 +291,6 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP2 DTensor (a view: in-place updates land in the parameter), or `t`."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def full_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
-    """The whole model as plain CPU tensors on rank 0 ({} on other ranks). Collective under FSDP:
-    every rank must call it. DDP / 1-process: the (unwrapped) module's weights, copied to CPU."""
-    inner = unwrap(model)
-    if is_sharded(inner):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if is_main(info) else {}
-    if not is_main(info):
-        return {}
-    return {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
 
 
 @torch.no_grad()

@@ -19,8 +19,8 @@ import inspect
 import os
 import shlex
 import sys
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -322,13 +322,9 @@ def train_on_group(cfg, devices: list[str] | tuple[str, ...], log: Path | None =
         env.pop(k, None)
     # `warp rl --nproc N`: torchrun with a private rendezvous, and one exit status for the job.
     argv = [sys.executable, "-m", "mergekit_warp", "rl", *rl_cli_args(run_cfg), "--nproc", str(spec.nproc)]
-    sink = open(log, "a") if log else None
-    try:
+    with open(log, "a") if log else contextlib.nullcontext() as sink:
         res = subprocess.run(argv, env={**env, DIE_WITH_PARENT: "1"}, stdout=sink or subprocess.DEVNULL,
                              stderr=subprocess.STDOUT if sink else None)
-    finally:
-        if sink:
-            sink.close()
     if res.returncode != 0:
         why = "stopped on a user error" if res.returncode == 2 else f"failed (exit {res.returncode})"
         where = f"; its output is in {log}" if log else " (its output is above)"

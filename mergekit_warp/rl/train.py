@@ -300,7 +300,6 @@ def _plan(cfg: RLConfig, out: Path, work: Path) -> str:
     """What this invocation does with OUT and OUT.partial: 'done' (resume of a finished run),
     'resume' (continue the saved state) or 'start'. Refuses what must not be written."""
     inputs = _inputs(cfg)
-    check_disjoint(work, inputs)
     if cfg.resume and out.exists():
         prov = out / PROVENANCE
         if prov.is_file() and f'"method": "{METHOD}"' in prov.read_text(errors="replace"):
@@ -318,7 +317,6 @@ def _plan(cfg: RLConfig, out: Path, work: Path) -> str:
         if diff:
             raise WarpError(f"--resume: options {', '.join('--' + d.replace('_', '-') for d in diff)} differ from "
                             f"the interrupted run in {work}; restore them or pass --force to start over")
-        check_disjoint(out, inputs)
         return "resume"
     check_output_path(out, inputs, cfg.force)
     if work.exists() and not cfg.force and not cfg.resume:
@@ -347,9 +345,12 @@ def train(cfg: RLConfig) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
+        out, inputs = Path(cfg.out).absolute(), _inputs(cfg)
+        check_disjoint(out, inputs)  # before the lock file is made beside OUT
+        check_disjoint(st.partial_dir(out), inputs)
         if os.environ.get("RANK", "0") != "0":
             return _train(cfg)
-        with claim(Path(cfg.out)):
+        with claim(out):
             return _train(cfg)
     finally:
         torch.set_num_threads(threads)
