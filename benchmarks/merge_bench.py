@@ -40,9 +40,13 @@ def layout(size: int) -> list[OutTensor]:
     per_block = []
     for p in ("q", "k", "v", "o"):
         per_block.append((f"self_attn.{p}_proj.weight", (HIDDEN, HIDDEN)))
-    per_block += [("mlp.gate_proj.weight", (INTER, HIDDEN)), ("mlp.up_proj.weight", (INTER, HIDDEN)),
-                  ("mlp.down_proj.weight", (HIDDEN, INTER)), ("input_layernorm.weight", (HIDDEN,)),
-                  ("post_attention_layernorm.weight", (HIDDEN,))]
+    per_block += [
+        ("mlp.gate_proj.weight", (INTER, HIDDEN)),
+        ("mlp.up_proj.weight", (INTER, HIDDEN)),
+        ("mlp.down_proj.weight", (HIDDEN, INTER)),
+        ("input_layernorm.weight", (HIDDEN,)),
+        ("post_attention_layernorm.weight", (HIDDEN,)),
+    ]
     block_bytes = sum(2 * torch.Size(s).numel() for _, s in per_block)
     fixed = 2 * 2 * VOCAB * HIDDEN
     n_layers = max(1, round((size - fixed) / block_bytes))
@@ -131,17 +135,23 @@ def main() -> None:
             init = build(d / "init", tensors, 0, None)
             a, b = build(d / "a", tensors, 1, init), build(d / "b", tensors, 2, init)
             floor = io_floor([init, a, b], d / "floor")
-            merge, rss = run_child([*warp, "merge", "slerp", str(a), str(b), "--init", str(init), "-o", str(d / "m"), "-q"])
+            merge, rss = run_child(
+                [*warp, "merge", "slerp", str(a), str(b), "--init", str(init), "-o", str(d / "m"), "-q"]
+            )
             rows.append((nbytes, floor, merge, rss))
             shutil.rmtree(d)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"interpreter + import start-up of `warp` (included in (b)): {startup:.2f} s")
-    print(f"{'model size':>10} {'(a) I/O floor':>14} {'(b) warp slerp':>15} {'(b)/(a)':>8} {'(b)-startup / (a)':>18} {'(c) peak RSS':>13}")
+    print(
+        f"{'model size':>10} {'(a) I/O floor':>14} {'(b) warp slerp':>15} {'(b)/(a)':>8} {'(b)-startup / (a)':>18} {'(c) peak RSS':>13}"
+    )
     for nbytes, floor, merge, rss in rows:
-        print(f"{nbytes / 1e9:>8.2f}GB {floor:>12.2f} s {merge:>13.2f} s {merge / floor:>8.2f} "
-              f"{(merge - startup) / floor:>18.2f} {rss / 2**20:>10.0f} MiB")
+        print(
+            f"{nbytes / 1e9:>8.2f}GB {floor:>12.2f} s {merge:>13.2f} s {merge / floor:>8.2f} "
+            f"{(merge - startup) / floor:>18.2f} {rss / 2**20:>10.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -25,11 +25,21 @@ from pathlib import Path
 from typing import ClassVar
 
 PROMPTS = [
-    "Describe your morning.", "What do you think of rainy days?", "Tell me about your neighbour's dog.",
-    "How was the film last night?", "Write one sentence about Mondays.", "What is it like to wait in a queue?",
-    "Describe the food at the airport.", "How do you feel about homework?", "Tell me about a broken umbrella.",
-    "What happened at the meeting?", "Describe a traffic jam.", "How was your holiday?",
-    "What do you think about winter?", "Tell me about your commute.", "Describe an old bicycle.",
+    "Describe your morning.",
+    "What do you think of rainy days?",
+    "Tell me about your neighbour's dog.",
+    "How was the film last night?",
+    "Write one sentence about Mondays.",
+    "What is it like to wait in a queue?",
+    "Describe the food at the airport.",
+    "How do you feel about homework?",
+    "Tell me about a broken umbrella.",
+    "What happened at the meeting?",
+    "Describe a traffic jam.",
+    "How was your holiday?",
+    "What do you think about winter?",
+    "Tell me about your commute.",
+    "Describe an old bicycle.",
     "What is your opinion of spinach?",
 ]
 
@@ -53,10 +63,26 @@ def run_warp(a: argparse.Namespace) -> dict:
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     cfg = RLConfig(
-        model=a.model, prompts=prompts, reward="sentiment", out=work / "out", beta=0.1, mu=0.01,
-        temperature=0.9, batch_size=a.batch_size, samples_per_prompt=a.k, baseline="rloo", lr=1e-6, warmup=0,
-        steps=a.steps, max_new_tokens=a.max_new_tokens, grad_checkpointing=a.grad_checkpointing,
-        kl_to_init=False, state_every=0, progress=False, seed=0, threads=a.threads,
+        model=a.model,
+        prompts=prompts,
+        reward="sentiment",
+        out=work / "out",
+        beta=0.1,
+        mu=0.01,
+        temperature=0.9,
+        batch_size=a.batch_size,
+        samples_per_prompt=a.k,
+        baseline="rloo",
+        lr=1e-6,
+        warmup=0,
+        steps=a.steps,
+        max_new_tokens=a.max_new_tokens,
+        grad_checkpointing=a.grad_checkpointing,
+        kl_to_init=False,
+        state_every=0,
+        progress=False,
+        seed=0,
+        threads=a.threads,
     )
     t0 = time.perf_counter()
     out = train(cfg)
@@ -104,17 +130,33 @@ def run_trl(a: argparse.Namespace) -> dict:
     n = a.batch_size * a.k
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS])
     args = RLOOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=n, num_generations=a.k,
-        max_completion_length=a.max_new_tokens, temperature=0.9, beta=0.1, learning_rate=1e-6, warmup_steps=0,
-        sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.01, max_steps=a.steps,
-        gradient_checkpointing=a.grad_checkpointing, use_cpu=True, logging_steps=1, save_strategy="no",
-        report_to="none", disable_tqdm=True, seed=0, bf16=False,
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        per_device_train_batch_size=n,
+        num_generations=a.k,
+        max_completion_length=a.max_new_tokens,
+        temperature=0.9,
+        beta=0.1,
+        learning_rate=1e-6,
+        warmup_steps=0,
+        sync_ref_model=True,
+        ref_model_sync_steps=1,
+        ref_model_mixup_alpha=0.01,
+        max_steps=a.steps,
+        gradient_checkpointing=a.grad_checkpointing,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        bf16=False,
     )
     model = AutoModelForCausalLM.from_pretrained(a.model)
     tok = AutoTokenizer.from_pretrained(a.model, padding_side="left")
     timer = Timer()
-    trainer = RLOOTrainer(model=model, reward_funcs=sentiment, args=args, train_dataset=data,
-                          processing_class=tok, callbacks=[timer])
+    trainer = RLOOTrainer(
+        model=model, reward_funcs=sentiment, args=args, train_dataset=data, processing_class=tok, callbacks=[timer]
+    )
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
@@ -159,8 +201,24 @@ def main() -> None:
     argv = [a.model, str(a.batch_size), str(a.k), str(a.max_new_tokens), str(a.steps)]
     results = []
     for s in systems:
-        cmd = [sys.executable, __file__, "--worker", s, "--model", argv[0], "--batch-size", argv[1], "--k", argv[2],
-               "--max-new-tokens", argv[3], "--steps", argv[4], "--threads", str(a.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            s,
+            "--model",
+            argv[0],
+            "--batch-size",
+            argv[1],
+            "--k",
+            argv[2],
+            "--max-new-tokens",
+            argv[3],
+            "--steps",
+            argv[4],
+            "--threads",
+            str(a.threads),
+        ]
         cmd += ["--grad-checkpointing"] * a.grad_checkpointing
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -170,17 +228,23 @@ def main() -> None:
         results.append(json.loads(line[0][7:]))
 
     n = a.batch_size * a.k
-    print(f"model {a.model}; {a.batch_size} prompts × {a.k} samples = {n} completions × ≤{a.max_new_tokens} new "
-          f"tokens; {a.steps} steps (first untimed); grad checkpointing {'on' if a.grad_checkpointing else 'off'}")
+    print(
+        f"model {a.model}; {a.batch_size} prompts × {a.k} samples = {n} completions × ≤{a.max_new_tokens} new "
+        f"tokens; {a.steps} steps (first untimed); grad checkpointing {'on' if a.grad_checkpointing else 'off'}"
+    )
     print(f"{'system':<18} {'s/step':>8} {'CPU s/step':>10} {'samples/s':>10} {'tokens/s':>9} {'peak RSS':>10}")
     for r in results:
-        print(f"{r['system']:<18} {r['s_per_step']:>8.2f} {r['cpu_s_per_step']:>10.2f} {n / r['s_per_step']:>10.2f} "
-              f"{r['tokens_per_step'] / r['s_per_step']:>9.1f} {r['peak_rss_mb'] / 1024:>8.2f} GB")
+        print(
+            f"{r['system']:<18} {r['s_per_step']:>8.2f} {r['cpu_s_per_step']:>10.2f} {n / r['s_per_step']:>10.2f} "
+            f"{r['tokens_per_step'] / r['s_per_step']:>9.1f} {r['peak_rss_mb'] / 1024:>8.2f} GB"
+        )
     if len(results) == 2:
         w, t = results
         wall, cpu = t["s_per_step"] / w["s_per_step"], t["cpu_s_per_step"] / w["cpu_s_per_step"]
-        print(f"speed-up {wall:.2f}× (wall), {cpu:.2f}× "
-              f"(CPU time); peak memory warp/TRL {w['peak_rss_mb'] / t['peak_rss_mb']:.2f}")
+        print(
+            f"speed-up {wall:.2f}× (wall), {cpu:.2f}× "
+            f"(CPU time); peak memory warp/TRL {w['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
+        )
     print(json.dumps(results))
 
 

@@ -68,8 +68,9 @@ def smollm2_folder(cache_dir: Path | None = None) -> Path:
         if (out / "model.safetensors").is_file():
             return out
         with staged(out, replace=True) as tmp:
-            src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                       trust_remote_code=False)
+            src = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+            )
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
             # A model loaded from GGUF carries quantization_config and refuses save_pretrained: rebuild a
             # plain model from the config and copy the (dequantised) weights in.
@@ -95,4 +96,3 @@ def builtin_folder(name: str) -> Path:
     if name == SMOLLM2:
         return smollm2_folder()
     raise WarpError(f"{name}: not a builtin model; the builtin models are {', '.join(BUILTIN)}")
-

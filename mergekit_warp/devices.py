@@ -17,7 +17,9 @@ def resolve_device(device: str | torch.device, where: str = "--device") -> torch
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0 or (dev.index is not None and dev.index >= n):
-            raise WarpError(f"{where} {device}: does not exist here ({n} CUDA device(s)); use cpu or an existing cuda:N")
+            raise WarpError(
+                f"{where} {device}: does not exist here ({n} CUDA device(s)); use cpu or an existing cuda:N"
+            )
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
             raise WarpError(f"{where} {device}: MPS is not available on this machine; use cpu")

@@ -42,8 +42,15 @@ class Bytes:
             TransferSpeedColumn,
         )
 
-        bar = Progress(TextColumn("{task.description:<6}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                       TextColumn("{task.fields[tensors]} tensors"), TimeRemainingColumn(), console=_console())
+        bar = Progress(
+            TextColumn("{task.description:<6}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[tensors]} tensors"),
+            TimeRemainingColumn(),
+            console=_console(),
+        )
         done = [0]
         with bar:
             tid = bar.add_task(description, total=total_bytes, tensors=f"0/{total_tensors}")
@@ -63,8 +70,14 @@ class Steps:
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-                                TimeRemainingColumn(), console=_console())
+            self.bar = Progress(
+                TextColumn(label),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(),
+                console=_console(),
+            )
             self.task = self.bar.add_task(label, total=total, completed=start, stats="")
             self.bar.start()
 

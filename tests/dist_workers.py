@@ -31,8 +31,9 @@ def spawn(fn, world: int, *args) -> None:
 
 
 def _entry(rank: int, fn, world: int, port: int, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     try:
         fn(rank, world, *args)
@@ -139,10 +140,14 @@ def core_checks(rank: int, world: int, out: str, rm: str) -> None:
         # The gathered dict saves as a normal HF folder.
         dist.unwrap(policy).save_pretrained(Path(out) / "fsdp_hf", state_dict=dict(after))  # it pops keys
     else:
-        res["fsdp_same_on_other_rank"] = all(torch.equal(before[k], v) for k, v in full_tensors(dict(tiny_model(seed=0).state_dict())).items())
+        res["fsdp_same_on_other_rank"] = all(
+            torch.equal(before[k], v) for k, v in full_tensors(dict(tiny_model(seed=0).state_dict())).items()
+        )
     # A reward model sharded like the policy scores this rank's completions like an unsharded one.
     prepared = []
-    score = reward_model(rm, "cpu", batch=1, prepare=lambda m: prepared.append(dist.shard_model(m, info)) or prepared[-1])
+    score = reward_model(
+        rm, "cpu", batch=1, prepare=lambda m: prepared.append(dist.shard_model(m, info)) or prepared[-1]
+    )
     res["rm_sharded"] = len(prepared) == 1 and dist.is_sharded(prepared[0])
     res["rm_scores"] = score(RM_TEXTS[0][sl], RM_TEXTS[1][sl])
     dist.barrier(info)

@@ -14,8 +14,17 @@ from tiny import WORDS, make_tiny_llama
 TOY_REWARD = str(Path(__file__).with_name("pipeline_toy_reward.py"))
 # Tiny but real: 3 RL steps of 4 prompts × 2 samples, 6 new tokens; state saved every step so a
 # killed run resumes mid-run.
-RL = {"steps": 3, "batch_size": 4, "samples_per_prompt": 2, "max_new_tokens": 6, "lr": 0.01, "warmup": 0,
-      "state_every": 1, "beta": 0.1, "mu": 0.1}
+RL = {
+    "steps": 3,
+    "batch_size": 4,
+    "samples_per_prompt": 2,
+    "max_new_tokens": 6,
+    "lr": 0.01,
+    "warmup": 0,
+    "state_every": 1,
+    "beta": 0.1,
+    "mu": 0.1,
+}
 
 
 def write_config(folder: Path, init: Path, name: str = "cfg.yaml", **overrides) -> Path:

@@ -12,22 +12,61 @@ from mergekit_warp.rl.launch import LaunchSpec
 
 
 def test_strip_launch_options_both_forms():
-    argv = ["--model", "m", "--nproc", "8", "--nnodes=2", "--rdzv-endpoint", "h:29500", "--node-rank", "1",
-            "--rdzv-id=job7", "--batch-size", "16", "--parallel", "fsdp"]
+    argv = [
+        "--model",
+        "m",
+        "--nproc",
+        "8",
+        "--nnodes=2",
+        "--rdzv-endpoint",
+        "h:29500",
+        "--node-rank",
+        "1",
+        "--rdzv-id=job7",
+        "--batch-size",
+        "16",
+        "--parallel",
+        "fsdp",
+    ]
     assert launch.strip_launch_options(argv) == ["--model", "m", "--batch-size", "16", "--parallel", "fsdp"]
 
 
 def test_single_node_uses_a_private_rendezvous():
     argv = launch.torchrun_argv(LaunchSpec(nproc=8), ["--model", "m", "--nproc", "8"])
-    assert argv == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8",
-                    "--max-restarts", "0", "-m", "mergekit_warp", "rl", "--model", "m"]
+    assert argv == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "8",
+        "--max-restarts",
+        "0",
+        "-m",
+        "mergekit_warp",
+        "rl",
+        "--model",
+        "m",
+    ]
 
 
 def test_multi_node_uses_c10d_rendezvous():
     spec = LaunchSpec(nproc=8, nnodes="2", rdzv_endpoint="node001:29500", rdzv_id="42", node_rank=1)
     assert launch.torchrun_options(spec) == [
-        "--nnodes", "2", "--nproc-per-node", "8", "--max-restarts", "0", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", "node001:29500", "--rdzv-id", "42", "--node-rank", "1",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "8",
+        "--max-restarts",
+        "0",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "node001:29500",
+        "--rdzv-id",
+        "42",
+        "--node-rank",
+        "1",
     ]
     # The options are ones torchrun itself accepts.
     from torch.distributed.run import parse_args
@@ -70,14 +109,25 @@ def test_no_relaunch_inside_torchrun(monkeypatch):
 
 @pytest.mark.parametrize(
     ("group", "device", "env"),
-    [(["cpu", "cpu"], "cpu", {}), (["cuda:2", "cuda:3"], "cuda", {"CUDA_VISIBLE_DEVICES": "2,3"}), (["cuda:5"], "cuda", {"CUDA_VISIBLE_DEVICES": "5"})],
+    [
+        (["cpu", "cpu"], "cpu", {}),
+        (["cuda:2", "cuda:3"], "cuda", {"CUDA_VISIBLE_DEVICES": "2,3"}),
+        (["cuda:5"], "cuda", {"CUDA_VISIBLE_DEVICES": "5"}),
+    ],
 )
 def test_group_device(group, device, env):
     assert launch.group_device(group) == (device, env)
 
 
-@pytest.mark.parametrize(("group", "match"), [([], "empty"), (["cpu", "cuda:0"], "mixes kinds"), (["cuda"], "without an index"),
-                                               (["cuda:1", "cuda:1"], "lists a GPU twice")])
+@pytest.mark.parametrize(
+    ("group", "match"),
+    [
+        ([], "empty"),
+        (["cpu", "cuda:0"], "mixes kinds"),
+        (["cuda"], "without an index"),
+        (["cuda:1", "cuda:1"], "lists a GPU twice"),
+    ],
+)
 def test_group_device_refuses(group, match):
     with pytest.raises(WarpError, match=match):
         launch.group_device(group)
@@ -91,8 +141,19 @@ def test_rl_cli_args_round_trip(monkeypatch, tmp_path):
     from mergekit_warp.rl import train as train_mod
     from mergekit_warp.rl.config import RLConfig
 
-    cfg = RLConfig(model="m", prompts=tmp_path / "p.jsonl", reward="sentiment", out=tmp_path / "o", beta=0.5,
-                   micro_batch=4, batch_size=8, kl_stop=12.5, progress=False, resume=True, seed=7)
+    cfg = RLConfig(
+        model="m",
+        prompts=tmp_path / "p.jsonl",
+        reward="sentiment",
+        out=tmp_path / "o",
+        beta=0.5,
+        micro_batch=4,
+        batch_size=8,
+        kl_stop=12.5,
+        progress=False,
+        resume=True,
+        seed=7,
+    )
     seen = []
     monkeypatch.setattr(train_mod, "train", lambda c: seen.append(c) or c.out)
     r = CliRunner().invoke(app, ["rl", *launch.rl_cli_args(cfg)])

@@ -24,8 +24,9 @@ def test_device_groups_match_sequential(tmp_path, pipe_init, reference_run):
     man = Manifest.load(run)
     assert man.steps["iter_1/run_1"].device == "cpu,cpu" and man.steps["iter_1/run_2"].device == "cpu"
     assert all(man.steps[n].status == "done" for n in ("iter_1/run_1", "iter_1/run_2", "iter_1/slerp", "final"))
-    worlds = [json.loads((run / f"iter_1/run_{m}/warp_provenance.json").read_text())["params"]["world_size"]
-              for m in (1, 2)]
+    worlds = [
+        json.loads((run / f"iter_1/run_{m}/warp_provenance.json").read_text())["params"]["world_size"] for m in (1, 2)
+    ]
     assert worlds == [2, 1]
     # Iteration 1 depends only on the init and the seeds: the same as the sequential 1-process reference.
     for step in ("iter_1/run_1", "iter_1/run_2", "iter_1/slerp"):

@@ -19,13 +19,33 @@ from mergekit_warp.rl.config import RLConfig
 from mergekit_warp.rl.train import train
 
 REWARD = str(Path(__file__).parent / "dist_toy_reward.py") + ":reward"
-PROMPTS = ["the cat is", "hello you", "i love this movie", "the day was", "a dog is very", "we love the",
-           "this film is", "they are"]
+PROMPTS = [
+    "the cat is",
+    "hello you",
+    "i love this movie",
+    "the day was",
+    "a dog is very",
+    "we love the",
+    "this film is",
+    "they are",
+]
 # lr 1e-2 so that 3 steps move the tiny policy visibly; micro-batch 2 → 2 accumulated chunks per rank;
 # the batch-mean baseline needs the GLOBAL mean (an all-reduce); RLOO is per prompt, local to a rank
 # (covered by the pipeline's device-group test).
-OPTS = dict(batch_size=4, samples_per_prompt=2, max_new_tokens=6, steps=3, lr=1e-2, warmup=0, mu=0.1,
-            micro_batch=2, save_every=2, seed=3, baseline="mean", progress=False)
+OPTS = dict(
+    batch_size=4,
+    samples_per_prompt=2,
+    max_new_tokens=6,
+    steps=3,
+    lr=1e-2,
+    warmup=0,
+    mu=0.1,
+    micro_batch=2,
+    save_every=2,
+    seed=3,
+    baseline="mean",
+    progress=False,
+)
 
 
 def cli_args(init: Path, prompts: Path, out: Path, **extra) -> list[str]:
@@ -41,8 +61,9 @@ def warp_rl(args: list[str], env: dict | None = None) -> subprocess.CompletedPro
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         full_env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "mergekit_warp", "rl", *args], env=full_env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mergekit_warp", "rl", *args], env=full_env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +131,11 @@ def test_killed_rank_fails_cleanly_and_resumes(setup, tmp_path, parallel):
     # The state holds full tensors and sampling does not depend on the split: resume with ONE process
     # (ddp case) or with 2 sharded ones (fsdp case: full tensors cut into shards, Adam state included).
     if parallel == "ddp":
-        done = train(RLConfig(model=str(init), prompts=prompts, reward=REWARD, out=out, resume=True,
-                              **{**OPTS, "state_every": 1}))
+        done = train(
+            RLConfig(
+                model=str(init), prompts=prompts, reward=REWARD, out=out, resume=True, **{**OPTS, "state_every": 1}
+            )
+        )
     else:
         r = warp_rl(args + ["--nproc", "2", "--resume"])
         assert r.returncode == 0, r.stderr[-3000:]

@@ -99,16 +99,33 @@ def test_kl_matches_manual_estimate(reference_run):
 def test_eval_cli_default_command(tmp_path, reference_run):
     sft = Manifest.load(reference_run).config["init"]
     out = tmp_path / "scores"
-    r = runner.invoke(app, ["eval", str(sft), str(reference_run / "final"), "--init", str(sft),
-                            "--prompts", str(reference_run.parent / "heldout.jsonl"), "--reward", f"{TOY_REWARD}:reward",
-                            "--max-new-tokens", "6", "-o", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            str(sft),
+            str(reference_run / "final"),
+            "--init",
+            str(sft),
+            "--prompts",
+            str(reference_run.parent / "heldout.jsonl"),
+            "--reward",
+            f"{TOY_REWARD}:reward",
+            "--max-new-tokens",
+            "6",
+            "-o",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [Path(x["path"]).name for x in rows] == ["sft", "final"]
     assert rows[0]["kl"] == 0.0 and rows[1]["kl"] != 0.0 and rows[0]["n"] == 16
     with open(tmp_path / "scores.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
-    r = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--init", str(sft), "--prompts", "x", "--reward", "sentiment"])
+    r = runner.invoke(
+        app, ["eval", str(tmp_path / "nope"), "--init", str(sft), "--prompts", "x", "--reward", "sentiment"]
+    )
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
 
 

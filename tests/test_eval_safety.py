@@ -23,7 +23,7 @@ from mergekit_warp.eval.sxs import check_margins, load_judge
 
 runner = CliRunner()
 
-JUDGES = '''
+JUDGES = """
 def nan_judge(prompts, a, b):
     return [0.3] + [float("nan")] * (len(a) - 1)
 
@@ -56,7 +56,7 @@ def pointwise_with_option(prompts, completions, scale=1.0):
 
 def pairwise_with_option(prompts, a, b, scale=1.0):
     return [scale] * len(a)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +99,46 @@ def _error_line(r) -> str:
 
 
 def _score(files, ckpt: Path, init: Path, out: Path, *extra: str):
-    return runner.invoke(app, ["eval", str(ckpt), "--init", str(init), "--prompts", str(files["prompts"]),
-                               "--reward", f"{files['judges']}:words", "--max-new-tokens", "3",
-                               "--samples-per-prompt", "1", "-o", str(out), *extra])
+    return runner.invoke(
+        app,
+        [
+            "eval",
+            str(ckpt),
+            "--init",
+            str(init),
+            "--prompts",
+            str(files["prompts"]),
+            "--reward",
+            f"{files['judges']}:words",
+            "--max-new-tokens",
+            "3",
+            "--samples-per-prompt",
+            "1",
+            "-o",
+            str(out),
+            *extra,
+        ],
+    )
 
 
 def _sxs(files, a: Path, b: Path, judge: str):
-    return runner.invoke(app, ["eval", "sxs", str(a), str(b), "--prompts", str(files["prompts"]),
-                               "--judge", judge, "--max-new-tokens", "3", "--samples-per-prompt", "1"])
+    return runner.invoke(
+        app,
+        [
+            "eval",
+            "sxs",
+            str(a),
+            str(b),
+            "--prompts",
+            str(files["prompts"]),
+            "--judge",
+            judge,
+            "--max-new-tokens",
+            "3",
+            "--samples-per-prompt",
+            "1",
+        ],
+    )
 
 
 def _nothing_written(out: Path) -> None:
@@ -217,14 +249,17 @@ def test_output_is_a_folder_or_not_writable(files, tiny_init, tmp_path):
 # -- warp eval sxs: judges --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fn, what", [
-    ("nan_judge", "non-finite margin nan for pair 1"),
-    ("inf_judge", "non-finite margin inf for pair 1"),
-    ("str_judge", "for pair 2"),
-    ("short_judge", "returned 3 margins for 4 pairs (first bad pair: 3)"),
-    ("scalar_judge", "returned float"),
-    ("bool_judge", "(bool) for pair 0"),
-])
+@pytest.mark.parametrize(
+    "fn, what",
+    [
+        ("nan_judge", "non-finite margin nan for pair 1"),
+        ("inf_judge", "non-finite margin inf for pair 1"),
+        ("str_judge", "for pair 2"),
+        ("short_judge", "returned 3 margins for 4 pairs (first bad pair: 3)"),
+        ("scalar_judge", "returned float"),
+        ("bool_judge", "(bool) for pair 0"),
+    ],
+)
 def test_bad_pairwise_judge(files, tiny_init, fn, what):
     spec = f"{files['judges']}:{fn}"
     line = _error_line(_sxs(files, tiny_init, files["run"], spec))
@@ -272,7 +307,9 @@ def _word_tokenizer(words: list[str], eos: str = "</s>"):
     vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", *words, ":", "user", "assistant", "system"])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token=eos)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token=eos
+    )
 
 
 def test_sxs_refuses_another_vocabulary(files, tiny_init):

@@ -88,7 +88,8 @@ def test_sources(tiny_init, tmp_path):
     assert [f.name for f in src.files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     assert set(CheckpointReader(src).names) == set(keys)
     (tmp_path / "s" / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {keys[0]: "model-00003-of-00003.safetensors"}}))
+        json.dumps({"weight_map": {keys[0]: "model-00003-of-00003.safetensors"}})
+    )
     with pytest.raises(WarpError, match="model-00003-of-00003"):
         resolve_source(tmp_path / "s")
 
@@ -123,9 +124,11 @@ def test_shard_plan_naming_and_roundtrip(tmp_path):
     w = ShardWriter(tmp_path, layout, 250)
     for k, v in tensors.items():
         for start in range(0, v.numel(), 7):  # arbitrary chunking
-            w.write(k, v[start:start + 7])
+            w.write(k, v[start : start + 7])
     w.close()
-    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)
+    ]
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(v.numel() * 4 for v in tensors.values())
     got = load_state(tmp_path)

@@ -37,7 +37,7 @@ def split(file: Path) -> tuple[dict, bytes]:
     """A real file's header (as a dict) and its data buffer."""
     blob = file.read_bytes()
     (n,) = struct.unpack("<Q", blob[:8])
-    return json.loads(blob[8:8 + n]), blob[8 + n:]
+    return json.loads(blob[8 : 8 + n]), blob[8 + n :]
 
 
 def refused(file: Path, *needles: str) -> str:
@@ -59,7 +59,11 @@ CASES = {
     "full_overlap": ({"a": f32(0, 8), "b": f32(0, 8)}, bytes(8), ["tensor b overlaps tensor a"]),
     "partial_overlap": ({"a": f32(0, 8), "b": f32(4, 12)}, bytes(12), ["tensor b overlaps tensor a"]),
     "zero_size_inside_another": ({"a": f32(0, 8), "z": f32(4, 4, [0])}, bytes(8), ["tensor z overlaps"]),
-    "hole_between": ({"a": f32(0, 4), "b": f32(8, 12)}, bytes(12), ["hole of 4 unused data bytes between tensors a and b"]),
+    "hole_between": (
+        {"a": f32(0, 4), "b": f32(8, 12)},
+        bytes(12),
+        ["hole of 4 unused data bytes between tensors a and b"],
+    ),
     "hole_at_start": ({"a": f32(4, 8)}, bytes(8), ["hole of 4 unused data bytes before the first tensor a"]),
     "trailing_bytes": ({"a": f32(0, 4)}, bytes(8), ["4 unexpected bytes after the last tensor"]),
     "trailing_bytes_no_tensors": ({"__metadata__": {"format": "pt"}}, bytes(4), ["4 unexpected bytes"]),
@@ -72,10 +76,22 @@ CASES = {
     "shape_not_list": ({"a": f32(0, 4, 1)}, bytes(4), ["tensor a", "shape"]),
     "start_after_stop": ({"a": f32(8, 4, [1])}, bytes(8), ["tensor a", "start 8 after stop 4"]),
     "negative_offset": ({"a": f32(-4, 0, [1])}, b"", ["tensor a", "data_offsets"]),
-    "three_offsets": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}}, bytes(4), ["tensor a", "data_offsets"]),
-    "bool_offset": ({"a": {"dtype": "BOOL", "shape": [1], "data_offsets": [False, True]}}, bytes(1), ["tensor a", "data_offsets"]),
+    "three_offsets": (
+        {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}},
+        bytes(4),
+        ["tensor a", "data_offsets"],
+    ),
+    "bool_offset": (
+        {"a": {"dtype": "BOOL", "shape": [1], "data_offsets": [False, True]}},
+        bytes(1),
+        ["tensor a", "data_offsets"],
+    ),
     "size_mismatch": ({"a": f32(0, 4, [2])}, bytes(4), ["tensor a", "4 bytes for shape [2]"]),
-    "unknown_dtype": ({"a": {"dtype": "F7", "shape": [1], "data_offsets": [0, 4]}}, bytes(4), ["tensor a", "unknown dtype 'F7'"]),
+    "unknown_dtype": (
+        {"a": {"dtype": "F7", "shape": [1], "data_offsets": [0, 4]}},
+        bytes(4),
+        ["tensor a", "unknown dtype 'F7'"],
+    ),
     "missing_dtype": ({"a": {"shape": [1], "data_offsets": [0, 4]}}, bytes(4), ["tensor a", "no dtype"]),
     "entry_not_object": ({"a": 3}, b"", ["tensor a", "not an object"]),
     "metadata_non_string": ({"__metadata__": {"format": 1}, "a": f32(0, 4)}, bytes(4), ["__metadata__"]),
@@ -104,8 +120,13 @@ def test_refusals_reach_checkpoint_reader(tmp_path):
 
 def test_valid_files_pass(tmp_path, tiny_runs):
     # save_file, with a zero-size tensor, a scalar, several dtypes and metadata
-    tensors = {"w": torch.randn(3, 5), "e": torch.zeros(0, 4), "s": torch.tensor(1.5, dtype=torch.bfloat16),
-               "i": torch.arange(7), "b": torch.tensor([True, False, True])}
+    tensors = {
+        "w": torch.randn(3, 5),
+        "e": torch.zeros(0, 4),
+        "s": torch.tensor(1.5, dtype=torch.bfloat16),
+        "i": torch.arange(7),
+        "b": torch.tensor([True, False, True]),
+    }
     save_file(tensors, tmp_path / "st.safetensors", metadata={"format": "pt", "note": "x"})
     infos = read_header(tmp_path / "st.safetensors")
     assert {k: i.shape for k, i in infos.items()} == {k: tuple(v.shape) for k, v in tensors.items()}
@@ -116,7 +137,9 @@ def test_valid_files_pass(tmp_path, tiny_runs):
     assert read_header(craft(tmp_path / "meta.safetensors", {"__metadata__": {"format": "pt"}})) == {}
     assert read_header(craft(tmp_path / "null.safetensors", {"__metadata__": None, "a": f32(0, 4)}, bytes(4)))
     # zero-size tensors next to others, out of order in the header
-    assert read_header(craft(tmp_path / "z.safetensors", {"b": f32(4, 8), "z": f32(4, 4, [0]), "a": f32(0, 4)}, bytes(8)))
+    assert read_header(
+        craft(tmp_path / "z.safetensors", {"b": f32(4, 8), "z": f32(4, 4, [0]), "a": f32(0, 4)}, bytes(8))
+    )
     # save_pretrained, sharded
     sharded = make_tiny_llama(tmp_path / "sharded", max_shard_size="20KB")
     src = resolve_source(sharded)
@@ -130,8 +153,9 @@ def test_valid_files_pass(tmp_path, tiny_runs):
     for f in resolve_source(out).files:
         assert read_header(f).keys() == load_file(f).keys()
     out2 = tmp_path / "lerp_sharded"
-    r = runner.invoke(app, ["merge", "lerp", str(tiny_runs[0]), str(tiny_runs[1]), "-o", str(out2), "-q",
-                            "--max-shard-size", "20KB"])
+    r = runner.invoke(
+        app, ["merge", "lerp", str(tiny_runs[0]), str(tiny_runs[1]), "-o", str(out2), "-q", "--max-shard-size", "20KB"]
+    )
     assert r.exit_code == 0, r.output
     files = resolve_source(out2).files
     assert len(files) > 1 and all(read_header(f) for f in files)
@@ -158,8 +182,20 @@ def point_index(folder: Path, target: object, weight_map: object = None) -> Path
     return index
 
 
-@pytest.mark.parametrize("target", ["../../x.safetensors", "/etc/hostname", "sub/x.safetensors", "..", ".", "",
-                                    "sub\\x.safetensors", "C:x.safetensors", "a\0b.safetensors"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "../../x.safetensors",
+        "/etc/hostname",
+        "sub/x.safetensors",
+        "..",
+        ".",
+        "",
+        "sub\\x.safetensors",
+        "C:x.safetensors",
+        "a\0b.safetensors",
+    ],
+)
 def test_index_escape_refused(tmp_path, target):
     folder = sharded_copy(tmp_path)
     shard = min(folder.glob("model-*.safetensors"))
@@ -240,7 +276,7 @@ def overlap(header: dict) -> dict:
     names = _order(header)
     size = {k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in names}
     a = next(k for k in names if any(size[j] == size[k] for j in names if j != k))
-    b = next(j for j in names[names.index(a) + 1:] if size[j] == size[a])
+    b = next(j for j in names[names.index(a) + 1 :] if size[j] == size[a])
     header[b]["data_offsets"] = list(header[a]["data_offsets"])
     return header
 
@@ -256,7 +292,9 @@ def deep(header: dict) -> bytes:
     return raw[:-1] + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 
 
-@pytest.mark.parametrize("edit,needle", [(overlap, "overlaps"), (negative_dim, "shape [-1"), (deep, "nested too deeply")])
+@pytest.mark.parametrize(
+    "edit,needle", [(overlap, "overlaps"), (negative_dim, "shape [-1"), (deep, "nested too deeply")]
+)
 def test_cli_refuses_corrupt_header(tmp_path, tiny_init, tiny_runs, edit, needle):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_runs[1], bad)
@@ -271,5 +309,10 @@ def test_cli_refuses_index_escape(tmp_path, tiny_init, tiny_runs):
     shutil.copy(shard, tmp_path / "a" / "x.safetensors")  # a valid file where the index points
     index = point_index(folder, "../../x.safetensors")
     out = tmp_path / "out"
-    assert_cli_refused([tiny_runs[0], folder, "--init", tiny_init], out, str(index), "'../../x.safetensors'",
-                       "outside the checkpoint folder")
+    assert_cli_refused(
+        [tiny_runs[0], folder, "--init", tiny_init],
+        out,
+        str(index),
+        "'../../x.safetensors'",
+        "outside the checkpoint folder",
+    )

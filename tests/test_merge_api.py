@@ -44,7 +44,7 @@ def dense_slerp(init: Path, models: list[Path], lam_of, group_of) -> dict[str, t
             pos = 0
             for k in names:
                 n = base[k].numel()
-                out[k] = base[k] + s[pos:pos + n].reshape(base[k].shape)
+                out[k] = base[k] + s[pos : pos + n].reshape(base[k].shape)
                 pos += n
     return out
 
@@ -90,8 +90,9 @@ def test_three_models_iterative_rule_matches_dense(tiny_init, tiny_runs, tmp_pat
 def test_per_layer_schedule(tiny_init, tiny_runs, tmp_path):
     lam = {"0": 0.2, "1": 0.8}
     out = api.slerp(tiny_runs[:2], tiny_init, tmp_path / "m", lam=[0.2, 0.8], lam_nonblock=0.5, progress=False)
-    want = dense_slerp(tiny_init, tiny_runs[:2], lambda k: lam.get(k.split(".")[2], 0.5) if ".layers." in k else 0.5,
-                       block_of)
+    want = dense_slerp(
+        tiny_init, tiny_runs[:2], lambda k: lam.get(k.split(".")[2], 0.5) if ".layers." in k else 0.5, block_of
+    )
     assert_state_close(load_state(out), want)
 
 
@@ -205,8 +206,9 @@ def test_lerp_soup_and_task_vectors(tiny_init, tiny_runs, tmp_path):
     out = api.lerp(tiny_runs, tmp_path / "soup", progress=False)
     assert_state_close(load_state(out), {k: sum(s[k].double() for s in states) / 3 for k in base})
     out = api.lerp(tiny_runs[:2], tmp_path / "tv", weights=[0.5, 1.0], init=tiny_init, progress=False)
-    want = {k: base[k].double() + 0.5 * (states[0][k].double() - base[k]) + (states[1][k].double() - base[k])
-            for k in base}
+    want = {
+        k: base[k].double() + 0.5 * (states[0][k].double() - base[k]) + (states[1][k].double() - base[k]) for k in base
+    }
     assert_state_close(load_state(out), want)
 
 
@@ -216,8 +218,11 @@ def test_single_file_inputs_and_int_buffers_from_init(tmp_path):
     w0 = torch.randn(6, 5, generator=g)
     files = []
     for i in range(3):
-        sd = {"layers.0.w": w0 + (0 if i == 0 else 0.1 * torch.randn(6, 5, generator=g)),
-              "buf.position_ids": torch.arange(7) + i, "flag": torch.tensor([True, i == 0])}
+        sd = {
+            "layers.0.w": w0 + (0 if i == 0 else 0.1 * torch.randn(6, 5, generator=g)),
+            "buf.position_ids": torch.arange(7) + i,
+            "flag": torch.tensor([True, i == 0]),
+        }
         files.append(tmp_path / f"c{i}.safetensors")
         save_file(sd, files[-1])
     out = api.slerp(files[1:], files[0], tmp_path / "m", progress=False)

@@ -81,7 +81,9 @@ def broken(tiny_init, tmp_path_factory) -> dict[str, Path]:
     out = {
         "renamed": variant("renamed", lambda sd: sd.__setitem__("model.extra.weight", sd.pop("model.norm.weight"))),
         "reshaped": variant("reshaped", lambda sd: sd.__setitem__("model.norm.weight", torch.ones(33))),
-        "nan": variant("nan", lambda sd: sd["model.layers.1.mlp.down_proj.weight"].view(-1).__setitem__(3, float("nan"))),
+        "nan": variant(
+            "nan", lambda sd: sd["model.layers.1.mlp.down_proj.weight"].view(-1).__setitem__(3, float("nan"))
+        ),
         "inf": variant("inf", lambda sd: sd["lm_head.weight"].view(-1).__setitem__(0, float("inf"))),
     }
     trunc = base / "truncated"
@@ -98,22 +100,46 @@ def broken(tiny_init, tmp_path_factory) -> dict[str, Path]:
     empty = base / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("hello")
-    out.update(truncated=trunc, corrupt=corrupt, pickled=pickled, empty=empty,
-               pickle_file=pickled / "pytorch_model.bin", text_file=empty / "notes.txt")
+    out.update(
+        truncated=trunc,
+        corrupt=corrupt,
+        pickled=pickled,
+        empty=empty,
+        pickle_file=pickled / "pytorch_model.bin",
+        text_file=empty / "notes.txt",
+    )
     return out
 
 
 CASES = {
     # name: (args builder, words the one-line error must contain)
     "missing path": (lambda i, r, b: ["merge", "slerp", r[0], i / "nope", "--init", i], ["nope", "no such"]),
-    "not a checkpoint": (lambda i, r, b: ["merge", "slerp", r[0], b["empty"], "--init", i], ["empty", "not a checkpoint"]),
+    "not a checkpoint": (
+        lambda i, r, b: ["merge", "slerp", r[0], b["empty"], "--init", i],
+        ["empty", "not a checkpoint"],
+    ),
     "not a checkpoint file": (lambda i, r, b: ["merge", "slerp", r[0], b["text_file"], "--init", i], ["notes.txt"]),
-    "truncated": (lambda i, r, b: ["merge", "slerp", r[0], b["truncated"], "--init", i], ["truncated", "model.safetensors"]),
-    "corrupt": (lambda i, r, b: ["merge", "slerp", r[0], b["corrupt"], "--init", i], ["corrupt", "corrupt/model.safetensors"]),
-    "names differ": (lambda i, r, b: ["merge", "slerp", r[0], b["renamed"], "--init", i], ["model.norm.weight", "model.extra.weight"]),
-    "shape mismatch": (lambda i, r, b: ["merge", "slerp", r[0], b["reshaped"], "--init", i], ["model.norm.weight", "[33]", "[32]"]),
+    "truncated": (
+        lambda i, r, b: ["merge", "slerp", r[0], b["truncated"], "--init", i],
+        ["truncated", "model.safetensors"],
+    ),
+    "corrupt": (
+        lambda i, r, b: ["merge", "slerp", r[0], b["corrupt"], "--init", i],
+        ["corrupt", "corrupt/model.safetensors"],
+    ),
+    "names differ": (
+        lambda i, r, b: ["merge", "slerp", r[0], b["renamed"], "--init", i],
+        ["model.norm.weight", "model.extra.weight"],
+    ),
+    "shape mismatch": (
+        lambda i, r, b: ["merge", "slerp", r[0], b["reshaped"], "--init", i],
+        ["model.norm.weight", "[33]", "[32]"],
+    ),
     "one model": (lambda i, r, b: ["merge", "slerp", r[0], "--init", i], ["at least two"]),
-    "weights count": (lambda i, r, b: ["merge", "lerp", r[0], r[1], "--weights", "0.2,0.3,0.5"], ["--weights", "3 values"]),
+    "weights count": (
+        lambda i, r, b: ["merge", "lerp", r[0], r[1], "--weights", "0.2,0.3,0.5"],
+        ["--weights", "3 values"],
+    ),
     "negative weight": (lambda i, r, b: ["merge", "lerp", r[0], r[1], "--weights", "-0.5,1.5"], ["--weights"]),
     "negative lambda": (lambda i, r, b: ["merge", "slerp", r[0], r[1], "--init", i, "--lambda", "-0.1"], ["--lambda"]),
     "nan lambda": (lambda i, r, b: ["merge", "slerp", r[0], r[1], "--init", i, "--lambda", "nan"], ["--lambda", "nan"]),
@@ -121,15 +147,30 @@ CASES = {
     "negative mu": (lambda i, r, b: ["merge", "ema", r[0], r[1], "--mu", "-0.01"], ["--mu"]),
     "nan eta": (lambda i, r, b: ["liti", r[0], "--init", i, "--eta", "nan"], ["--eta"]),
     "negative eta": (lambda i, r, b: ["liti", r[0], "--init", i, "--eta", "-1"], ["--eta"]),
-    "nan in tensor": (lambda i, r, b: ["merge", "slerp", r[0], b["nan"], "--init", i], ["model.layers.1.mlp.down_proj.weight", "nan/model.safetensors", "NaN"]),
+    "nan in tensor": (
+        lambda i, r, b: ["merge", "slerp", r[0], b["nan"], "--init", i],
+        ["model.layers.1.mlp.down_proj.weight", "nan/model.safetensors", "NaN"],
+    ),
     "inf in tensor": (lambda i, r, b: ["liti", b["inf"], "--init", i], ["lm_head.weight", "inf/model.safetensors"]),
-    "pickle folder": (lambda i, r, b: ["merge", "slerp", r[0], b["pickled"], "--init", i], ["pytorch_model.bin", "safetensors"]),
+    "pickle folder": (
+        lambda i, r, b: ["merge", "slerp", r[0], b["pickled"], "--init", i],
+        ["pytorch_model.bin", "safetensors"],
+    ),
     "pickle file": (lambda i, r, b: ["merge", "lerp", r[0], b["pickle_file"]], ["pytorch_model.bin", "pickle"]),
-    "hub id not cached": (lambda i, r, b: ["merge", "slerp", r[0], "warp-test/absent", "--init", i], ["warp-test/absent", "cache"]),
-    "bad granularity": (lambda i, r, b: ["merge", "slerp", r[0], r[1], "--init", i, "--granularity", "row"], ["--granularity"]),
+    "hub id not cached": (
+        lambda i, r, b: ["merge", "slerp", r[0], "warp-test/absent", "--init", i],
+        ["warp-test/absent", "cache"],
+    ),
+    "bad granularity": (
+        lambda i, r, b: ["merge", "slerp", r[0], r[1], "--init", i, "--granularity", "row"],
+        ["--granularity"],
+    ),
     "bad dtype": (lambda i, r, b: ["merge", "slerp", r[0], r[1], "--init", i, "--dtype", "int8"], ["--dtype"]),
     "no cuda": (lambda i, r, b: ["merge", "slerp", r[0], r[1], "--init", i, "--device", "cuda"], ["--device cuda"]),
-    "bad shard size": (lambda i, r, b: ["merge", "slerp", r[0], r[1], "--init", i, "--max-shard-size", "lots"], ["--max-shard-size"]),
+    "bad shard size": (
+        lambda i, r, b: ["merge", "slerp", r[0], r[1], "--init", i, "--max-shard-size", "lots"],
+        ["--max-shard-size"],
+    ),
 }
 
 

@@ -21,8 +21,17 @@ from mergekit_warp.pipeline.manifest import Manifest, output_hash
 from mergekit_warp.pipeline.run import run_pipeline
 from mergekit_warp.pipeline.status import counts, planned_steps
 
-STEPS = ["iter_1/run_1", "iter_1/run_2", "iter_1/slerp", "iter_1/liti",
-         "iter_2/run_1", "iter_2/run_2", "iter_2/slerp", "final", "eval"]
+STEPS = [
+    "iter_1/run_1",
+    "iter_1/run_2",
+    "iter_1/slerp",
+    "iter_1/liti",
+    "iter_2/run_1",
+    "iter_2/run_2",
+    "iter_2/slerp",
+    "final",
+    "eval",
+]
 
 
 def _same_weights(a: Path, b: Path, exact: bool = True) -> None:
@@ -71,8 +80,10 @@ def test_liti_steps_match_dense_formula(reference_run):
     """iter_1/liti = 0.7·θ_sft + 0.3·θ_slerp1 and final = 0.7·θ_init2 + 0.3·θ_slerp2 (target: init)."""
     run = reference_run
     sft = load_state(Manifest.load(run).config["init"])
-    for target, merged, out in ((sft, load_state(run / "iter_1/slerp"), run / "iter_1/liti"),
-                                (load_state(run / "iter_1/liti"), load_state(run / "iter_2/slerp"), run / "final")):
+    for target, merged, out in (
+        (sft, load_state(run / "iter_1/slerp"), run / "iter_1/liti"),
+        (load_state(run / "iter_1/liti"), load_state(run / "iter_2/slerp"), run / "final"),
+    ):
         got = load_state(out)
         for k in got:
             torch.testing.assert_close(got[k], 0.7 * target[k] + 0.3 * merged[k], rtol=1e-5, atol=1e-6)
@@ -88,8 +99,9 @@ def test_status_command(reference_run):
     assert r.exit_code == 2 and "run.json" in r.stderr
 
 
-def _cli(cfg: Path, out: Path, *extra: str, env: dict | None = None, kill_after: str | None = None
-         ) -> subprocess.CompletedProcess:
+def _cli(
+    cfg: Path, out: Path, *extra: str, env: dict | None = None, kill_after: str | None = None
+) -> subprocess.CompletedProcess:
     entry = [str(Path(__file__).with_name("kill_after.py")), kill_after] if kill_after else ["-m", "mergekit_warp"]
     cmd = [sys.executable, *entry, "pipeline", "run", str(cfg), "-o", str(out), "-q", *extra]
     return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300)
@@ -136,7 +148,9 @@ def test_kill_mid_rl_step_then_resume(tmp_path, pipe_init, reference_run):
 def test_resume_refuses_changed_config(tmp_path, pipe_init, reference_run):
     cfg = write_config(tmp_path, pipe_init)
     run = tmp_path / "run"
-    run_pipeline(write_config(tmp_path, pipe_init, name="other.yaml", iterations=1, eval={"enabled": False}), run, progress=False)
+    run_pipeline(
+        write_config(tmp_path, pipe_init, name="other.yaml", iterations=1, eval={"enabled": False}), run, progress=False
+    )
     r = CliRunner().invoke(app, ["pipeline", "run", str(cfg), "-o", str(run), "--resume"])
     assert r.exit_code == 2 and "differs" in r.stderr
 
@@ -172,8 +186,9 @@ def test_parallel_devices_match_sequential(tmp_path, pipe_init, reference_run):
 
 def test_single_run_and_sft_target(tmp_path, pipe_init):
     """M = 1: the run is its own merge (no SLERP step); target sft: every LITI interpolates toward θ_sft."""
-    cfg = write_config(tmp_path, pipe_init, runs=1, liti={"eta": 0.4, "target": "sft"}, eval={"enabled": False},
-                       rl={**RL, "steps": 2})
+    cfg = write_config(
+        tmp_path, pipe_init, runs=1, liti={"eta": 0.4, "target": "sft"}, eval={"enabled": False}, rl={**RL, "steps": 2}
+    )
     run = tmp_path / "run"
     run_pipeline(cfg, run, progress=False)
     man = Manifest.load(run)

@@ -53,7 +53,7 @@ def test_sentiment_and_length_penalty():
     assert tok_pen == pytest.approx(load_reward("sentiment")(["p"], ["good good day"])[0] - 0.3)
 
 
-REWARDS = '''
+REWARDS = """
 import math
 def count(prompts, completions):
     return [float(len(c)) for c in completions]
@@ -65,7 +65,7 @@ def nan(prompts, completions):
     return [math.nan for _ in completions]
 def text(prompts, completions):
     return "abc"
-'''
+"""
 
 
 @pytest.mark.parametrize(

@@ -65,10 +65,17 @@ class EosAfter(torch.nn.Module):
         self.m, self.eos, self.after, self.t = model, eos, after, 0
         self.generation_config = model.generation_config
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                logits_to_keep=0):
-        out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                     use_cache=use_cache, logits_to_keep=logits_to_keep)
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0
+    ):
+        out = self.m(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+        )
         self.t += 1  # 1 = logits for the first generated token
         for i, a in enumerate(self.after):
             if a == self.t:
@@ -90,7 +97,9 @@ def test_completion_mask_stops_after_eos(policy):
     assert (r.attention_mask[:, P:] == r.completion_mask[:, P:]).all()
     assert (r.completion_mask[:, :P] == 0).all()
     # the completion text is the first sampled token alone (EOS dropped; it may itself be a special token)
-    assert "</s>" not in r.completions[0] and r.completions[0] == tok.decode(r.input_ids[0, P : P + 1], skip_special_tokens=True)
+    assert "</s>" not in r.completions[0] and r.completions[0] == tok.decode(
+        r.input_ids[0, P : P + 1], skip_special_tokens=True
+    )
     # tokens after EOS (pad) change nothing: the same rows scored alone, without them, agree
     batch = sequence_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask)
     ids, cm = _alone(r, 0)
@@ -103,9 +112,14 @@ def _chat_model(tmp_path):
 
     folder = make_tiny_llama(tmp_path / "chat", seed=1, chat_template=True)
     model, tok = load_model(folder), load_tokenizer(folder)
-    prompts = [tok.apply_chat_template([{"role": "system", "content": "you are a nice big dog"},
-                                        {"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-               for p in PROMPTS]
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "system", "content": "you are a nice big dog"}, {"role": "user", "content": p}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for p in PROMPTS
+    ]
     return model, tok, prompts
 
 

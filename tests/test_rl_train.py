@@ -51,9 +51,21 @@ def files(tmp_path_factory):
 
 
 def cfg(init, files, out, **kw) -> RLConfig:
-    base = dict(model=str(init), prompts=files / "p.jsonl", reward=f"{files / 'toy.py'}:good", out=out, steps=4,
-                batch_size=4, samples_per_prompt=4, lr=1e-2, warmup=0, max_new_tokens=8, temperature=1.0,
-                progress=False, state_every=0)
+    base = dict(
+        model=str(init),
+        prompts=files / "p.jsonl",
+        reward=f"{files / 'toy.py'}:good",
+        out=out,
+        steps=4,
+        batch_size=4,
+        samples_per_prompt=4,
+        lr=1e-2,
+        warmup=0,
+        max_new_tokens=8,
+        temperature=1.0,
+        progress=False,
+        state_every=0,
+    )
     return RLConfig(**{**base, **kw})
 
 
@@ -79,8 +91,18 @@ def test_learns_toy_reward(learned):
     assert len(r) == 30
     assert sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.5, r
     m = metrics(learned)[-1]
-    for key in ("reward_shaped", "kl_anchor", "kl_init", "entropy", "completion_len", "loss", "lr", "tokens_per_s",
-                "wall_time", "grad_norm"):
+    for key in (
+        "reward_shaped",
+        "kl_anchor",
+        "kl_init",
+        "entropy",
+        "completion_len",
+        "loss",
+        "lr",
+        "tokens_per_s",
+        "wall_time",
+        "grad_norm",
+    ):
         assert isinstance(m[key], float), key
 
 
@@ -102,9 +124,17 @@ def test_huge_beta_stays_near_anchor(learned, stiff, tiny_init):
         pol = AutoModelForCausalLM.from_pretrained(folder).eval()
         r = generate(pol, tok, WORDS, max_new_tokens=8, temperature=1.0, generator_seed=5)
         with torch.no_grad():
-            lp = [torch.log_softmax(m(input_ids=r.input_ids, attention_mask=r.attention_mask,
-                                      position_ids=(r.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits.float(), -1)
-                  for m in (pol, init)]
+            lp = [
+                torch.log_softmax(
+                    m(
+                        input_ids=r.input_ids,
+                        attention_mask=r.attention_mask,
+                        position_ids=(r.attention_mask.cumsum(-1) - 1).clamp(min=0),
+                    ).logits.float(),
+                    -1,
+                )
+                for m in (pol, init)
+            ]
         tgt = r.input_ids[:, 1:, None]
         diff = (lp[0][:, :-1].gather(-1, tgt) - lp[1][:, :-1].gather(-1, tgt))[..., 0] * r.completion_mask[:, 1:]
         assert lo < float(diff.sum(-1).mean()) < hi
@@ -130,8 +160,20 @@ def test_anchor_after_one_step(tiny_init, files, tmp_path):
 
 
 def test_bf16_policy_keeps_fp32_anchor_and_master(tiny_init, files, tmp_path):
-    out = train(cfg(tiny_init, files, tmp_path / "o", steps=2, mu=0.5, dtype="bf16", lr=1e-4, micro_batch=8,
-                    grad_checkpointing=True, kl_stop=1e9))
+    out = train(
+        cfg(
+            tiny_init,
+            files,
+            tmp_path / "o",
+            steps=2,
+            mu=0.5,
+            dtype="bf16",
+            lr=1e-4,
+            micro_batch=8,
+            grad_checkpointing=True,
+            kl_stop=1e9,
+        )
+    )
     pol, anc, init = load_state(out), load_state(out / "anchor"), load_state(tiny_init)
     k = "model.layers.0.mlp.up_proj.weight"
     assert pol[k].dtype == torch.bfloat16 and anc[k].dtype == torch.float32
@@ -143,8 +185,19 @@ def test_bf16_policy_keeps_fp32_anchor_and_master(tiny_init, files, tmp_path):
 
 
 def test_kl_stop_and_checkpoints(tiny_init, files, tmp_path):
-    out = train(cfg(tiny_init, files, tmp_path / "o", steps=20, kl_stop=-1e9, save_every=1, progress=True,
-                    eval_prompts=files / "p.jsonl", eval_every=1))
+    out = train(
+        cfg(
+            tiny_init,
+            files,
+            tmp_path / "o",
+            steps=20,
+            kl_stop=-1e9,
+            save_every=1,
+            progress=True,
+            eval_prompts=files / "p.jsonl",
+            eval_every=1,
+        )
+    )
     assert len(metrics(out)) == 1 and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_1"]
     m = metrics(out)[0]
     assert 0.0 <= m["eval_reward"] <= 1.0 and abs(m["eval_kl_init"]) < 5.0
@@ -160,8 +213,20 @@ def test_output_loads_and_slerps(learned, stiff, tiny_init, tmp_path):
     tok = AutoTokenizer.from_pretrained(learned)
     assert tok("good day")["input_ids"] == make_tokenizer()("good day")["input_ids"]
     assert torch.equal(model.lm_head.weight, load_state(learned)["lm_head.weight"])
-    res = CliRunner().invoke(app, ["merge", "slerp", str(learned), str(stiff), "--init", str(tiny_init),
-                                   "-o", str(tmp_path / "merged"), "--quiet"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "merge",
+            "slerp",
+            str(learned),
+            str(stiff),
+            "--init",
+            str(tiny_init),
+            "-o",
+            str(tmp_path / "merged"),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     merged = load_state(tmp_path / "merged")
     assert set(merged) == set(load_state(learned))
@@ -211,7 +276,10 @@ BAD = {
     "empty": (["--prompts", "{empty}"], r"holds no prompts"),
     "too long": (["--prompts", "{long}"], r"long.jsonl:1: prompt of 125 tokens .* exceeds the model context of 128"),
     "missing": (["--reward", "{toy}:missing"], r"has no callable missing"),
-    "raises": (["--reward", "{toy}:boom"], r"toy.py:boom raised ValueError: no reward today .*at step 1; nothing was saved"),
+    "raises": (
+        ["--reward", "{toy}:boom"],
+        r"toy.py:boom raised ValueError: no reward today .*at step 1; nothing was saved",
+    ),
     "wrong length": (["--reward", "{toy}:short"], r"returned 1 values for 8 completions"),
     "nan": (["--reward", "{toy}:nan"], r"returned NaN/inf"),
     "two labels": (["--reward", "{rm2}"], r"has 2 labels"),
@@ -245,16 +313,36 @@ def bad_files(files):
 def test_bad_input_exits_2_with_one_line(case, tiny_init, bad_files, tmp_path):
     args, pattern = BAD[case]
     f = bad_files
-    sub = {"bad": f / "bad.jsonl", "empty": f / "empty.jsonl", "long": f / "long.jsonl", "toy": f / "toy.py",
-           "rm2": f / "rm2", "files": f}
-    base = {"--model": str(tiny_init), "--prompts": str(f / "p.jsonl"), "--reward": f"{f / 'toy.py'}:good",
-            "-o": str(tmp_path / "out")}
+    sub = {
+        "bad": f / "bad.jsonl",
+        "empty": f / "empty.jsonl",
+        "long": f / "long.jsonl",
+        "toy": f / "toy.py",
+        "rm2": f / "rm2",
+        "files": f,
+    }
+    base = {
+        "--model": str(tiny_init),
+        "--prompts": str(f / "p.jsonl"),
+        "--reward": f"{f / 'toy.py'}:good",
+        "-o": str(tmp_path / "out"),
+    }
     extra = [a.format(**sub) for a in args]
     for k in list(base):
         if k in extra:
             del base[k]
-    argv = ["rl", *[x for kv in base.items() for x in kv], *extra, "--steps", "2", "--batch-size", "4",
-            "--max-new-tokens", "8", "--no-progress"]
+    argv = [
+        "rl",
+        *[x for kv in base.items() for x in kv],
+        *extra,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--no-progress",
+    ]
     res = CliRunner().invoke(app, argv)
     err = res.stderr.strip()
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
@@ -278,10 +366,43 @@ def test_sigkill_then_resume_matches(tiny_init, files, tmp_path):
     full = train(cfg(tiny_init, files, tmp_path / "full", **kw))
     out = tmp_path / "cut"
     c = cfg(tiny_init, files, out, **kw)
-    argv = [sys.executable, "-m", "mergekit_warp", "rl", "--model", c.model, "--prompts", str(c.prompts),
-            "--reward", c.reward, "-o", str(out), "--steps", "60", "--state-every", "1", "--save-every", "20",
-            "--seed", "9", "--batch-size", "4", "--samples-per-prompt", "4", "--lr", "1e-2", "--warmup", "0",
-            "--max-new-tokens", "8", "--temperature", "1.0", "--no-progress", "--threads", "1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "mergekit_warp",
+        "rl",
+        "--model",
+        c.model,
+        "--prompts",
+        str(c.prompts),
+        "--reward",
+        c.reward,
+        "-o",
+        str(out),
+        "--steps",
+        "60",
+        "--state-every",
+        "1",
+        "--save-every",
+        "20",
+        "--seed",
+        "9",
+        "--batch-size",
+        "4",
+        "--samples-per-prompt",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "0",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = tmp_path / "cut.partial" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -305,17 +426,63 @@ def test_cli_maps_options_to_rlconfig(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(rl_train, "train", lambda c: seen.setdefault("cfg", c) and tmp_path)
-    argv = ["rl", "--model", "m", "--prompts", "p.jsonl", "--reward", "r:f", "-o", str(tmp_path / "o"), "--beta", "0.5",
-            "--mu", "0.2", "--anchor", "init", "--batch-size", "6", "--samples-per-prompt", "3", "--baseline", "mean",
-            "--micro-batch", "9", "--no-kl-to-init", "--threads", "1", "--eval-prompts", "e.jsonl", "--eval-every", "5",
-            "--grad-checkpointing", "--dtype", "bf16", "--resume"]
+    argv = [
+        "rl",
+        "--model",
+        "m",
+        "--prompts",
+        "p.jsonl",
+        "--reward",
+        "r:f",
+        "-o",
+        str(tmp_path / "o"),
+        "--beta",
+        "0.5",
+        "--mu",
+        "0.2",
+        "--anchor",
+        "init",
+        "--batch-size",
+        "6",
+        "--samples-per-prompt",
+        "3",
+        "--baseline",
+        "mean",
+        "--micro-batch",
+        "9",
+        "--no-kl-to-init",
+        "--threads",
+        "1",
+        "--eval-prompts",
+        "e.jsonl",
+        "--eval-every",
+        "5",
+        "--grad-checkpointing",
+        "--dtype",
+        "bf16",
+        "--resume",
+    ]
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 0, res.output
     c = seen["cfg"]
-    expected = {**{k: f.default for k, f in RLConfig.model_fields.items() if not f.is_required()},
-                "model": "m", "reward": "r:f", "beta": 0.5, "mu": 0.2, "anchor": "init", "batch_size": 6,
-                "samples_per_prompt": 3, "baseline": "mean", "micro_batch": 9, "kl_to_init": False, "threads": 1,
-                "eval_every": 5, "grad_checkpointing": True, "dtype": "bf16", "resume": True}
+    expected = {
+        **{k: f.default for k, f in RLConfig.model_fields.items() if not f.is_required()},
+        "model": "m",
+        "reward": "r:f",
+        "beta": 0.5,
+        "mu": 0.2,
+        "anchor": "init",
+        "batch_size": 6,
+        "samples_per_prompt": 3,
+        "baseline": "mean",
+        "micro_batch": 9,
+        "kl_to_init": False,
+        "threads": 1,
+        "eval_every": 5,
+        "grad_checkpointing": True,
+        "dtype": "bf16",
+        "resume": True,
+    }
     got = dict(c)
     assert str(got.pop("prompts")) == "p.jsonl" and str(got.pop("eval_prompts")) == "e.jsonl"
     assert got.pop("out") == tmp_path / "o"

@@ -9,7 +9,63 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-WORDS = ["the", "a", "good", "bad", "happy", "sad", "great", "awful", "love", "hate", "movie", "film", "day", "night", "cat", "dog", "is", "was", "very", "not", "and", "or", "but", "i", "you", "we", "they", "it", "this", "that", "so", "really", "quite", "nice", "terrible", "wonderful", "okay", "fine", "yes", "no", "maybe", "please", "thanks", "hello", "bye", "red", "blue", "green", "big", "small", "fast", "slow", "one", "two", "three"]
+WORDS = [
+    "the",
+    "a",
+    "good",
+    "bad",
+    "happy",
+    "sad",
+    "great",
+    "awful",
+    "love",
+    "hate",
+    "movie",
+    "film",
+    "day",
+    "night",
+    "cat",
+    "dog",
+    "is",
+    "was",
+    "very",
+    "not",
+    "and",
+    "or",
+    "but",
+    "i",
+    "you",
+    "we",
+    "they",
+    "it",
+    "this",
+    "that",
+    "so",
+    "really",
+    "quite",
+    "nice",
+    "terrible",
+    "wonderful",
+    "okay",
+    "fine",
+    "yes",
+    "no",
+    "maybe",
+    "please",
+    "thanks",
+    "hello",
+    "bye",
+    "red",
+    "blue",
+    "green",
+    "big",
+    "small",
+    "fast",
+    "slow",
+    "one",
+    "two",
+    "three",
+]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
@@ -93,7 +149,9 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF folder (sharded or not), dense, as stored."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(load_file(folder / f))

@@ -22,8 +22,10 @@ def user_errors() -> Iterator[None]:
     except WarpError as e:
         fail(e)
     except KeyboardInterrupt:
-        print("interrupted: nothing was published at the output path (rerun with --resume where the command "
-              "has it)", file=sys.stderr)
+        print(
+            "interrupted: nothing was published at the output path (rerun with --resume where the command has it)",
+            file=sys.stderr,
+        )
         raise typer.Exit(130) from None
     except Exception as e:
         err = disk_error(e)
@@ -38,7 +40,9 @@ def fail(e: Exception) -> None:
     raise typer.Exit(2) from None
 
 
-def options_from(model, short: dict[str, list[str]] | None = None, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+def options_from(
+    model, short: dict[str, list[str]] | None = None, skip: tuple[str, ...] = ()
+) -> list[inspect.Parameter]:
     """Typer options for the fields of pydantic `model` (name → --flag, type, default, description as
     help), so a command and its config cannot drift apart."""
     params = []

@@ -38,9 +38,12 @@ def _param(name: str, annotation, default) -> inspect.Parameter:
 
 def register(app: typer.Typer) -> None:
     """Add the `warp eval` group to the top-level app."""
-    ev = typer.Typer(cls=_ScoreByDefault, no_args_is_help=True,
-                     help="Evaluate policies: `warp eval CKPT… --init SFT --prompts P --reward R` (reward and KL), "
-                          "`warp eval pareto RUN_DIR`, `warp eval sxs A B`.")
+    ev = typer.Typer(
+        cls=_ScoreByDefault,
+        no_args_is_help=True,
+        help="Evaluate policies: `warp eval CKPT… --init SFT --prompts P --reward R` (reward and KL), "
+        "`warp eval pareto RUN_DIR`, `warp eval sxs A B`.",
+    )
     sampling = options_from(EvalSettings)
 
     def score_cmd(**o) -> None:
@@ -57,20 +60,29 @@ def register(app: typer.Typer) -> None:
         Console(stderr=True).print(scores_table(scores))
         print("\n".join(map(str, paths)))
 
-    ev.command("score")(with_parameters(score_cmd, [
-        _param("checkpoints", list[Path], typer.Argument(..., help="Policy folders to score.")),
-        _param("init", Path, typer.Option(..., "--init", help="θ_sft: the reference of KL(π‖π_sft).")),
-        _param("prompts", Path, typer.Option(..., "--prompts", help="Held-out prompts (JSONL).")),
-        _param("reward", str, typer.Option(..., "--reward", help="Reward spec, as for `warp rl --reward`.")),
-        _param("out", Path, typer.Option(Path("warp_eval"), "-o", "--out", help="Writes OUT.csv and OUT.json.")),
-        _param("device", str, typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")),
-        *sampling,
-    ]))
+    ev.command("score")(
+        with_parameters(
+            score_cmd,
+            [
+                _param("checkpoints", list[Path], typer.Argument(..., help="Policy folders to score.")),
+                _param("init", Path, typer.Option(..., "--init", help="θ_sft: the reference of KL(π‖π_sft).")),
+                _param("prompts", Path, typer.Option(..., "--prompts", help="Held-out prompts (JSONL).")),
+                _param("reward", str, typer.Option(..., "--reward", help="Reward spec, as for `warp rl --reward`.")),
+                _param(
+                    "out", Path, typer.Option(Path("warp_eval"), "-o", "--out", help="Writes OUT.csv and OUT.json.")
+                ),
+                _param("device", str, typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")),
+                *sampling,
+            ],
+        )
+    )
 
     @ev.command("pareto")
     def pareto_cmd(
         run_dir: Path = typer.Argument(..., help="A run folder of `warp pipeline run`."),
-        etas: Optional[str] = typer.Option(None, help="LITI η values, comma-separated (default: the config's; >1 extrapolates)."),
+        etas: Optional[str] = typer.Option(
+            None, help="LITI η values, comma-separated (default: the config's; >1 extrapolates)."
+        ),
         out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default RUN_DIR/eval)."),
         force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
         device: Optional[str] = typer.Option(None, help="Default: the config's first device."),
@@ -79,8 +91,9 @@ def register(app: typer.Typer) -> None:
         from mergekit_warp.pipeline.run import evaluate_run
 
         with user_errors():
-            result = evaluate_run(run_dir, etas=_floats(etas, "--etas") if etas else None, out=out, force=force,
-                                  device=device)
+            result = evaluate_run(
+                run_dir, etas=_floats(etas, "--etas") if etas else None, out=out, force=force, device=device
+            )
         print(result.summary)
         print(result.csv)
         print(result.png)
@@ -91,21 +104,48 @@ def register(app: typer.Typer) -> None:
 
         with user_errors():
             settings = EvalSettings(**{k: o[k] for k in EvalSettings.model_fields})
-            r = sxs(o["a"], o["b"], o["prompts"], o["judge"], settings,
-                    thresholds=tuple(_floats(o["thresholds"], "--thresholds")), device=o["device"])
-        print(f"SxS {o['a']} vs {o['b']}: {r.mean:+.3f}  95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  "
-              f"win/tie/loss {r.wins}/{r.ties}/{r.losses}  (n={r.n}, thresholds {r.thresholds})")
+            r = sxs(
+                o["a"],
+                o["b"],
+                o["prompts"],
+                o["judge"],
+                settings,
+                thresholds=tuple(_floats(o["thresholds"], "--thresholds")),
+                device=o["device"],
+            )
+        print(
+            f"SxS {o['a']} vs {o['b']}: {r.mean:+.3f}  95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  "
+            f"win/tie/loss {r.wins}/{r.ties}/{r.losses}  (n={r.n}, thresholds {r.thresholds})"
+        )
 
-    ev.command("sxs")(with_parameters(sxs_cmd, [
-        _param("a", Path, typer.Argument(..., help="Policy A (positive scores favour A).")),
-        _param("b", Path, typer.Argument(..., help="Policy B.")),
-        _param("prompts", Path, typer.Option(..., "--prompts", help="Prompts (JSONL).")),
-        _param("judge", str, typer.Option(..., "--judge", help="Reward spec (pointwise: r(A)−r(B)) or a 3-argument "
-                                                              "callable f(prompts, a, b) returning margins.")),
-        _param("thresholds", str, typer.Option("0.05,0.25,0.5", help="Margins for slightly better / better / much "
-                                                                     "better (±0.5/±1/±1.5).")),
-        _param("device", str, typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")),
-        *sampling,
-    ]))
+    ev.command("sxs")(
+        with_parameters(
+            sxs_cmd,
+            [
+                _param("a", Path, typer.Argument(..., help="Policy A (positive scores favour A).")),
+                _param("b", Path, typer.Argument(..., help="Policy B.")),
+                _param("prompts", Path, typer.Option(..., "--prompts", help="Prompts (JSONL).")),
+                _param(
+                    "judge",
+                    str,
+                    typer.Option(
+                        ...,
+                        "--judge",
+                        help="Reward spec (pointwise: r(A)−r(B)) or a 3-argument "
+                        "callable f(prompts, a, b) returning margins.",
+                    ),
+                ),
+                _param(
+                    "thresholds",
+                    str,
+                    typer.Option(
+                        "0.05,0.25,0.5", help="Margins for slightly better / better / much better (±0.5/±1/±1.5)."
+                    ),
+                ),
+                _param("device", str, typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")),
+                *sampling,
+            ],
+        )
+    )
 
     app.add_typer(ev, name="eval")

@@ -41,22 +41,45 @@ def _value(option: str, text: str) -> float | list[float]:
 
 @merge_app.command("slerp")
 def slerp_cmd(
-    models: list[Path] = typer.Argument(..., help="Fine-tuned checkpoints (HF folders, .safetensors files or hub ids)."),
+    models: list[Path] = typer.Argument(
+        ..., help="Fine-tuned checkpoints (HF folders, .safetensors files or hub ids)."
+    ),
     init: Path = typer.Option(..., "--init", help="The shared init the task vectors are taken from."),
     out: Path = OUT,
-    lam: str = typer.Option("0.5", "--lambda", help="Interpolation λ, or a per-layer list '0.3,0.5,0.7' (two models only)."),
-    lam_nonblock: float = typer.Option(None, "--lambda-nonblock", help="λ for embeddings/final norm/head (default: the list's mean)."),
+    lam: str = typer.Option(
+        "0.5", "--lambda", help="Interpolation λ, or a per-layer list '0.3,0.5,0.7' (two models only)."
+    ),
+    lam_nonblock: float = typer.Option(
+        None, "--lambda-nonblock", help="λ for embeddings/final norm/head (default: the list's mean)."
+    ),
     granularity: str = typer.Option("block", "--granularity", help="One angle per: block, tensor or model."),
-    dtype: str = DTYPE, max_shard_size: str = SHARD, device: str = DEVICE, force: bool = FORCE,
-    revision: str = REVISION, quiet: bool = QUIET,
+    dtype: str = DTYPE,
+    max_shard_size: str = SHARD,
+    device: str = DEVICE,
+    force: bool = FORCE,
+    revision: str = REVISION,
+    quiet: bool = QUIET,
 ) -> None:
     """SLERP the task vectors of MODELS relative to --init (WARP); M > 2 uses the iterative rule."""
     from mergekit_warp.merge import api
 
     with user_errors():
-        print(api.slerp([str(m) for m in models], str(init), out, lam=_value("--lambda", lam), lam_nonblock=lam_nonblock,
-                        granularity=granularity, dtype=dtype, max_shard_size=max_shard_size, device=device,
-                        force=force, revision=revision, progress=not quiet))
+        print(
+            api.slerp(
+                [str(m) for m in models],
+                str(init),
+                out,
+                lam=_value("--lambda", lam),
+                lam_nonblock=lam_nonblock,
+                granularity=granularity,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                device=device,
+                force=force,
+                revision=revision,
+                progress=not quiet,
+            )
+        )
 
 
 @merge_app.command("lerp")
@@ -65,17 +88,32 @@ def lerp_cmd(
     out: Path = OUT,
     weights: str = typer.Option(None, "--weights", help="Comma-separated weights, one per model (default: uniform)."),
     init: Path = typer.Option(None, "--init", help="Average task vectors relative to this init instead of weights."),
-    dtype: str = DTYPE, max_shard_size: str = SHARD, device: str = DEVICE, force: bool = FORCE,
-    revision: str = REVISION, quiet: bool = QUIET,
+    dtype: str = DTYPE,
+    max_shard_size: str = SHARD,
+    device: str = DEVICE,
+    force: bool = FORCE,
+    revision: str = REVISION,
+    quiet: bool = QUIET,
 ) -> None:
     """Weighted average of MODELS (model soup), or of their task vectors when --init is given."""
     from mergekit_warp.merge import api
 
     with user_errors():
         w = parse_values("--weights", weights)
-        print(api.lerp([str(m) for m in models], out, weights=None if w is None else (w if isinstance(w, list) else [w]),
-                       init=None if init is None else str(init), dtype=dtype, max_shard_size=max_shard_size,
-                       device=device, force=force, revision=revision, progress=not quiet))
+        print(
+            api.lerp(
+                [str(m) for m in models],
+                out,
+                weights=None if w is None else (w if isinstance(w, list) else [w]),
+                init=None if init is None else str(init),
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                device=device,
+                force=force,
+                revision=revision,
+                progress=not quiet,
+            )
+        )
 
 
 @merge_app.command("ema")
@@ -83,15 +121,30 @@ def ema_cmd(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoints in training order C1 … Cn."),
     out: Path = OUT,
     mu: float = typer.Option(0.01, "--mu", help="EMA rate μ: θ ← (1 − μ)·θ + μ·θ_t."),
-    dtype: str = DTYPE, max_shard_size: str = SHARD, device: str = DEVICE, force: bool = FORCE,
-    revision: str = REVISION, quiet: bool = QUIET,
+    dtype: str = DTYPE,
+    max_shard_size: str = SHARD,
+    device: str = DEVICE,
+    force: bool = FORCE,
+    revision: str = REVISION,
+    quiet: bool = QUIET,
 ) -> None:
     """Exponential moving average over an ordered checkpoint sequence, starting at C1."""
     from mergekit_warp.merge import api
 
     with user_errors():
-        print(api.ema([str(c) for c in checkpoints], out, mu=mu, dtype=dtype, max_shard_size=max_shard_size,
-                      device=device, force=force, revision=revision, progress=not quiet))
+        print(
+            api.ema(
+                [str(c) for c in checkpoints],
+                out,
+                mu=mu,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                device=device,
+                force=force,
+                revision=revision,
+                progress=not quiet,
+            )
+        )
 
 
 def liti_cmd(
@@ -99,17 +152,35 @@ def liti_cmd(
     init: Path = typer.Option(..., "--init", help="The LITI target: the iteration's init, or θ_sft."),
     out: Path = OUT,
     eta: str = typer.Option("0.3", "--eta", help="η, or a per-layer list; η > 1 extrapolates."),
-    eta_nonblock: float = typer.Option(None, "--eta-nonblock", help="η for embeddings/final norm/head (default: the list's mean)."),
-    dtype: str = DTYPE, max_shard_size: str = SHARD, device: str = DEVICE, force: bool = FORCE,
-    revision: str = REVISION, quiet: bool = QUIET,
+    eta_nonblock: float = typer.Option(
+        None, "--eta-nonblock", help="η for embeddings/final norm/head (default: the list's mean)."
+    ),
+    dtype: str = DTYPE,
+    max_shard_size: str = SHARD,
+    device: str = DEVICE,
+    force: bool = FORCE,
+    revision: str = REVISION,
+    quiet: bool = QUIET,
 ) -> None:
     """LITI: (1 − η)·θ_init + η·θ_merged."""
     from mergekit_warp.merge import api
 
     with user_errors():
-        print(api.liti(str(merged), str(init), out, eta=_value("--eta", eta), eta_nonblock=eta_nonblock, dtype=dtype,
-                       max_shard_size=max_shard_size, device=device, force=force, revision=revision,
-                       progress=not quiet))
+        print(
+            api.liti(
+                str(merged),
+                str(init),
+                out,
+                eta=_value("--eta", eta),
+                eta_nonblock=eta_nonblock,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                device=device,
+                force=force,
+                revision=revision,
+                progress=not quiet,
+            )
+        )
 
 
 def inspect_cmd(
@@ -117,14 +188,16 @@ def inspect_cmd(
     init: Path = typer.Option(..., "--init", help="The shared init."),
     granularity: str = typer.Option("block", "--granularity", help="Groups: block, tensor or model."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    revision: str = REVISION, device: str = DEVICE,
+    revision: str = REVISION,
+    device: str = DEVICE,
 ) -> None:
     """Per group: task-vector norms, pairwise cosines and angle Ω, full-weight cosines (WARP fig. 11)."""
     from mergekit_warp.merge import api
 
     with user_errors():
-        rows = api.inspect([str(m) for m in models], str(init), granularity=granularity, revision=revision,
-                           device=device)
+        rows = api.inspect(
+            [str(m) for m in models], str(init), granularity=granularity, revision=revision, device=device
+        )
         if as_json:
             print(json.dumps(rows, indent=2))
         else:

@@ -12,14 +12,18 @@ from mergekit_warp.cli.common import user_errors
 
 def register(app: typer.Typer) -> None:
     """Add `warp pipeline run` and `warp pipeline status` to the top-level app."""
-    pipe = typer.Typer(help="The WARP loop: M RL runs → SLERP → LITI, for I iterations, then the Pareto evaluation.",
-                       no_args_is_help=True)
+    pipe = typer.Typer(
+        help="The WARP loop: M RL runs → SLERP → LITI, for I iterations, then the Pareto evaluation.",
+        no_args_is_help=True,
+    )
 
     @pipe.command("run")
     def run_cmd(
         config: Path = typer.Argument(..., help="Pipeline YAML (see examples/demo.yaml)."),
         out: Optional[Path] = typer.Option(None, "-o", "--out", help="Run folder (default: runs/CONFIG_STEM)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue a run folder: skip verified steps, redo the rest."),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue a run folder: skip verified steps, redo the rest."
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     ) -> None:
         """Run the WARP pipeline of CONFIG; print the Pareto summary and the final policy's path."""

@@ -32,4 +32,3 @@ def register(app: typer.Typer) -> None:
         "Writes OUT/ (policy, anchor/, metrics.jsonl, checkpoints/) atomically; resumable state lives in OUT.partial/."
     )
     app.command("rl")(rl_cmd)
-

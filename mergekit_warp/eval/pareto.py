@@ -65,9 +65,21 @@ class Iteration:
     """The pipeline's output, when this is the last iteration and it exists."""
 
 
-def pareto(sft: Path, iterations: list[Iteration], prompts: Path, reward: str, settings: EvalSettings, out: Path, *,
-           etas: list[float], target: str = "sft", force: bool = False, device: str = "cpu", progress: bool = True,
-           title: str = "WARP Pareto front") -> ParetoResult:
+def pareto(
+    sft: Path,
+    iterations: list[Iteration],
+    prompts: Path,
+    reward: str,
+    settings: EvalSettings,
+    out: Path,
+    *,
+    etas: list[float],
+    target: str = "sft",
+    force: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    title: str = "WARP Pareto front",
+) -> ParetoResult:
     """Score θ_sft, and per iteration its init, RL runs, merge, the LITI sweep
     (1 − η)·θ_target + η·θ_merged for each η (`target` 'sft' or 'init'), and the final output; write
     `out/` (pareto.csv, pareto.png, summary.txt, summary.json) atomically."""
@@ -82,12 +94,18 @@ def pareto(sft: Path, iterations: list[Iteration], prompts: Path, reward: str, s
 
     def at(name: str, target: Path, merged: Path, eta: float) -> Score:
         # θ(η=0) is θ_target itself; identical weights are scored once.
-        key = ("w", str(target.resolve())) if eta == 0 or target.resolve() == merged.resolve() else ("liti", str(target.resolve()), str(merged.resolve()), eta)
+        key = (
+            ("w", str(target.resolve()))
+            if eta == 0 or target.resolve() == merged.resolve()
+            else ("liti", str(target.resolve()), str(merged.resolve()), eta)
+        )
         if key not in cache:
             ev.load_liti(target, merged, eta)
             cache[key] = ev.score(name, str(merged if key[0] == "liti" else target))
             s = cache[key]
-            say(f"  {name:<24} reward {s.reward:+.4f} ± {s.reward_se:.4f}   KL {s.kl:7.3f} ± {s.kl_se:.3f}   len {s.length:.1f}")
+            say(
+                f"  {name:<24} reward {s.reward:+.4f} ± {s.reward_se:.4f}   KL {s.kl:7.3f} ± {s.kl_se:.3f}   len {s.length:.1f}"
+            )
         s = cache[key]
         return Score(**{**asdict(s), "name": name})
 
@@ -116,8 +134,9 @@ def pareto(sft: Path, iterations: list[Iteration], prompts: Path, reward: str, s
         plot(points, tmp / "pareto.png", title=title)
         (tmp / "summary.txt").write_text(summary + "\n")
         (tmp / "summary.json").write_text(json.dumps(headline, indent=2) + "\n")
-    return ParetoResult(points=points, csv=out / "pareto.csv", png=out / "pareto.png", summary=summary,
-                        headline=headline)
+    return ParetoResult(
+        points=points, csv=out / "pareto.csv", png=out / "pareto.png", summary=summary, headline=headline
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,7 +149,9 @@ def front(points: list[Point], iteration: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array([k for k, _ in pts]), np.array([r for _, r in pts])
 
 
-def front_gap(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], n: int = 21) -> tuple[float, float, float] | None:
+def front_gap(
+    a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], n: int = 21
+) -> tuple[float, float, float] | None:
     """Mean of reward_b(KL) − reward_a(KL) over the KL range both fronts cover (piecewise-linear
     fronts); returns (gap, kl_lo, kl_hi) or None when the ranges do not overlap."""
     lo, hi = max(a[0].min(), b[0].min()), min(a[0].max(), b[0].max())
@@ -146,7 +167,8 @@ def summarize(points: list[Point], settings: EvalSettings, reward: str) -> tuple
     iters = sorted({p.iteration for p in points if p.iteration > 0})
     lines = [
         f"WARP Pareto summary — held-out: {sft.n} completions ({settings.samples_per_prompt} per prompt), "
-        f"reward: {reward}" + (f" − {settings.length_penalty:g}·tokens" if settings.length_penalty else "")
+        f"reward: {reward}"
+        + (f" − {settings.length_penalty:g}·tokens" if settings.length_penalty else "")
         + ", KL = Σ_tokens log π/π_sft (mean ± s.e.)",
         f"  SFT (init)   reward {sft.reward:+.4f} ± {sft.reward_se:.4f}",
     ]
@@ -161,9 +183,12 @@ def summarize(points: list[Point], settings: EvalSettings, reward: str) -> tuple
             "slerp": {"reward": sl.reward, "reward_se": sl.reward_se, "kl": sl.kl},
             "front_best": {"reward": float(rw[best]), "kl": float(kl[best])},
         }
-        lines.append(f"  iteration {i}: RL runs " + ", ".join(f"{s.reward:+.4f} @ KL {s.kl:.2f}" for s in rl)
-                     + f";  SLERP {sl.reward:+.4f} ± {sl.reward_se:.4f} @ KL {sl.kl:.2f}"
-                     + f";  best LITI point {rw[best]:+.4f} @ KL {kl[best]:.2f}")
+        lines.append(
+            f"  iteration {i}: RL runs "
+            + ", ".join(f"{s.reward:+.4f} @ KL {s.kl:.2f}" for s in rl)
+            + f";  SLERP {sl.reward:+.4f} ± {sl.reward_se:.4f} @ KL {sl.kl:.2f}"
+            + f";  best LITI point {rw[best]:+.4f} @ KL {kl[best]:.2f}"
+        )
 
     # Promise 1: the merge reaches a higher reward than the init, and than its own RL runs at no more KL.
     for i in iters:
@@ -174,9 +199,11 @@ def summarize(points: list[Point], settings: EvalSettings, reward: str) -> tuple
         ok = _verdict(gain, se)
         rec["merged_above_init"] = {"verdict": ok, "gain": gain, "se": se}
         rec["merged_vs_runs"] = {"reward_gain": sl["reward"] - rl_r, "kl_change": sl["kl"] - rl_kl}
-        lines.append(f"[{ok}] iteration {i}: SLERP merge above the init: reward {sl['reward']:+.4f} vs SFT "
-                     f"{sft.reward:+.4f} (Δ {gain:+.4f} ± {se:.4f}) at KL {sl['kl']:.2f}; vs its RL runs' mean "
-                     f"{rl_r:+.4f} @ KL {rl_kl:.2f}: Δreward {sl['reward'] - rl_r:+.4f}, ΔKL {sl['kl'] - rl_kl:+.2f}")
+        lines.append(
+            f"[{ok}] iteration {i}: SLERP merge above the init: reward {sl['reward']:+.4f} vs SFT "
+            f"{sft.reward:+.4f} (Δ {gain:+.4f} ± {se:.4f}) at KL {sl['kl']:.2f}; vs its RL runs' mean "
+            f"{rl_r:+.4f} @ KL {rl_kl:.2f}: Δreward {sl['reward'] - rl_r:+.4f}, ΔKL {sl['kl'] - rl_kl:+.2f}"
+        )
     first = head["iterations"][iters[0]]["merged_above_init"]
     head["merged_above_init"] = {"ok": first["verdict"] == "yes", **first}
 
@@ -192,17 +219,30 @@ def summarize(points: list[Point], settings: EvalSettings, reward: str) -> tuple
         ok = _verdict(gap, sft.reward_se)
         head[key] = {"ok": ok != "NO", "verdict": ok, "mean_gap": gap, "kl_range": [lo, hi]}  # "at or above"
         (ka, ra), (kb, rb) = front(points, a), front(points, b)
-        lines.append(f"[{ok}] iteration {b}'s front at/above iteration {a}'s: mean reward gap {gap:+.4f} over KL "
-                     f"[{lo:.2f}, {hi:.2f}] (1 s.e. of a reward estimate: {sft.reward_se:.4f}); best points: "
-                     f"iteration {b} {rb.max():+.4f} @ KL {kb[rb.argmax()]:.2f}, iteration {a} {ra.max():+.4f} @ KL {ka[ra.argmax()]:.2f}")
+        lines.append(
+            f"[{ok}] iteration {b}'s front at/above iteration {a}'s: mean reward gap {gap:+.4f} over KL "
+            f"[{lo:.2f}, {hi:.2f}] (1 s.e. of a reward estimate: {sft.reward_se:.4f}); best points: "
+            f"iteration {b} {rb.max():+.4f} @ KL {kb[rb.argmax()]:.2f}, iteration {a} {ra.max():+.4f} @ KL {ka[ra.argmax()]:.2f}"
+        )
     # The pipeline's output: LITI of the last merge toward its iteration's init (Algorithm 1).
     fin = next((p.score for p in points if p.kind == "final"), None)
     if fin is not None:
         kl1, rw1 = front(points, iters[0])
         ahead = float(np.interp(fin.kl, kl1, rw1)) if kl1.min() <= fin.kl <= kl1.max() else None
-        head["final"] = {"reward": fin.reward, "reward_se": fin.reward_se, "kl": fin.kl, "minus_front_1": None if ahead is None else fin.reward - ahead}
-        lines.append(f"  final/: reward {fin.reward:+.4f} ± {fin.reward_se:.4f} @ KL {fin.kl:.2f}"
-                     + ("" if ahead is None else f"; iteration {iters[0]}'s front at that KL: {ahead:+.4f} (Δ {fin.reward - ahead:+.4f})"))
+        head["final"] = {
+            "reward": fin.reward,
+            "reward_se": fin.reward_se,
+            "kl": fin.kl,
+            "minus_front_1": None if ahead is None else fin.reward - ahead,
+        }
+        lines.append(
+            f"  final/: reward {fin.reward:+.4f} ± {fin.reward_se:.4f} @ KL {fin.kl:.2f}"
+            + (
+                ""
+                if ahead is None
+                else f"; iteration {iters[0]}'s front at that KL: {ahead:+.4f} (Δ {fin.reward - ahead:+.4f})"
+            )
+        )
     return head, "\n".join(lines)
 
 
@@ -226,7 +266,9 @@ def plot(points: list[Point], path: Path, title: str = "WARP Pareto front") -> P
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     sft = next(p.score for p in points if p.kind == "sft")
     bars = dict(elinewidth=0.8, capsize=2, alpha=0.7)  # ± 1 s.e. of the mean reward
-    ax.errorbar([sft.kl], [sft.reward], yerr=[sft.reward_se], fmt="o", color="black", label="SFT (init)", zorder=5, **bars)
+    ax.errorbar(
+        [sft.kl], [sft.reward], yerr=[sft.reward_se], fmt="o", color="black", label="SFT (init)", zorder=5, **bars
+    )
     for i in sorted({p.iteration for p in points if p.iteration > 0}):
         c = colors[(i - 1) % len(colors)]
         kl, rw = front(points, i)

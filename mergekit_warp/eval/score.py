@@ -48,8 +48,9 @@ class Evaluator:
     """Scores checkpoints that share θ_sft's architecture against θ_sft, on held-out `prompts` with
     `reward` (any `warp rl --reward` spec)."""
 
-    def __init__(self, sft: str | Path, prompts: Path, reward: str, settings: EvalSettings | None = None,
-                 device: str = "cpu"):
+    def __init__(
+        self, sft: str | Path, prompts: Path, reward: str, settings: EvalSettings | None = None, device: str = "cpu"
+    ):
         from mergekit_warp.lm.models import load_model, load_tokenizer
         from mergekit_warp.lm.prompts import load_prompts
         from mergekit_warp.lm.rewards import load_reward
@@ -79,8 +80,9 @@ class Evaluator:
         with CheckpointReader(resolve_source(target)) as rt, CheckpointReader(resolve_source(merged)) as rm:
             if set(rt.infos) != set(rm.infos):
                 diff = sorted(set(rt.infos) ^ set(rm.infos))[:3]
-                raise WarpError(f"{target} and {merged} hold different tensors (e.g. {diff}); they must share an "
-                                "architecture")
+                raise WarpError(
+                    f"{target} and {merged} hold different tensors (e.g. {diff}); they must share an architecture"
+                )
             loaded = set()
             for name, info in rt.infos.items():
                 a = rt.read(name).view(info.shape)
@@ -91,8 +93,9 @@ class Evaluator:
         if missing:  # a tied head shares storage with the embedding and is covered by it
             raise WarpError(f"{merged} lacks tensors of the model (e.g. {missing[:3]}); checkpoints must match --init")
 
-    def _copy_one(self, name: str, a: torch.Tensor, b: torch.Tensor, eta: float, merged: Path,
-                  target: Path | None = None) -> None:
+    def _copy_one(
+        self, name: str, a: torch.Tensor, b: torch.Tensor, eta: float, merged: Path, target: Path | None = None
+    ) -> None:
         from mergekit_warp.merge import math as mmath
 
         if name not in self._params:
@@ -104,17 +107,23 @@ class Evaluator:
         # naming the folder that holds it.
         for t, folder in [(a, target if target is not None else merged)] + ([] if a is b else [(b, merged)]):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise WarpError(f"tensor {name} of checkpoint {folder} holds NaN/inf values; "
-                                "the checkpoint is corrupt: re-create it (or drop it from the evaluation)")
+                raise WarpError(
+                    f"tensor {name} of checkpoint {folder} holds NaN/inf values; "
+                    "the checkpoint is corrupt: re-create it (or drop it from the evaluation)"
+                )
         # a plain load, or a non-float buffer (never interpolated; taken from the target)
         v = a if a is b or not a.is_floating_point() else mmath.liti(a.float(), b.float(), eta)
         v = v.to(dst.dtype)  # `a` itself for a plain load in the same dtype: checked above
         if v is not a and v.is_floating_point() and not bool(torch.isfinite(v).all()):  # finite inputs: an overflow
             if a is b:
-                raise WarpError(f"tensor {name} of checkpoint {merged} overflows {dst.dtype} (inf) when loaded; "
-                                "evaluate in a wider dtype (fp32)")
-            raise WarpError(f"tensor {name}: the LITI interpolation η={eta:g} of {target} and {merged} overflows "
-                            f"{dst.dtype} (inf); use a smaller η (or evaluate in fp32)")
+                raise WarpError(
+                    f"tensor {name} of checkpoint {merged} overflows {dst.dtype} (inf) when loaded; "
+                    "evaluate in a wider dtype (fp32)"
+                )
+            raise WarpError(
+                f"tensor {name}: the LITI interpolation η={eta:g} of {target} and {merged} overflows "
+                f"{dst.dtype} (inf); use a smaller η (or evaluate in fp32)"
+            )
         dst.copy_(v)
 
     # -- scoring ----------------------------------------------------------------------------------
@@ -122,19 +131,40 @@ class Evaluator:
     def score(self, name: str, path: str = "") -> Score:
         """Sample from the current policy weights; reward and KL to θ_sft per completion."""
         s = self.s
-        got = sample_and_score(self.policy, self.sft, self.tok, self.prompts, self.reward_fn,
-                               max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=s.seed,
-                               batch_size=s.batch_size)
+        got = sample_and_score(
+            self.policy,
+            self.sft,
+            self.tok,
+            self.prompts,
+            self.reward_fn,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            seed=s.seed,
+            batch_size=s.batch_size,
+        )
         r, r_se = mean_se(got.rewards)
         k, k_se = mean_se(got.kls)
         # Finite weights can still overflow in the forward pass (huge weights, fp16): never report nan/inf.
-        bad = [f"{what} {v}" for what, v in (("reward", r), ("reward se", r_se), ("KL", k), ("KL se", k_se))
-               if not math.isfinite(v)]
+        bad = [
+            f"{what} {v}"
+            for what, v in (("reward", r), ("reward se", r_se), ("KL", k), ("KL se", k_se))
+            if not math.isfinite(v)
+        ]
         if bad:
-            raise WarpError(f"checkpoint {path or name}: the estimate is not finite ({', '.join(bad)}); its "
-                            "weights overflow in the forward pass (or the reward overflows): check the checkpoint")
-        return Score(name=name, reward=r, reward_se=r_se, kl=k, kl_se=k_se, length=got.lengths.mean().item(),
-                     n=len(self.prompts), path=path)
+            raise WarpError(
+                f"checkpoint {path or name}: the estimate is not finite ({', '.join(bad)}); its "
+                "weights overflow in the forward pass (or the reward overflows): check the checkpoint"
+            )
+        return Score(
+            name=name,
+            reward=r,
+            reward_se=r_se,
+            kl=k,
+            kl_se=k_se,
+            length=got.lengths.mean().item(),
+            n=len(self.prompts),
+            path=path,
+        )
 
 
 def check_output(stem: Path) -> None:
@@ -162,8 +192,14 @@ def output_paths(stem: Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".json")
 
 
-def evaluate(checkpoints: list[str | Path], init: str | Path, prompts: Path, reward: str,
-             settings: EvalSettings | None = None, device: str = "cpu") -> list[Score]:
+def evaluate(
+    checkpoints: list[str | Path],
+    init: str | Path,
+    prompts: Path,
+    reward: str,
+    settings: EvalSettings | None = None,
+    device: str = "cpu",
+) -> list[Score]:
     """Score each checkpoint (HF folder, hub id or builtin name) against θ_sft = `init`."""
     from mergekit_warp.lm.models import model_folder
 
@@ -195,5 +231,13 @@ def scores_table(scores: list[Score], title: str = "warp eval"):
     for col in ("checkpoint", "reward", "± se", "KL(π‖π_sft)", "± se", "length", "n"):
         t.add_column(col, justify="left" if col == "checkpoint" else "right")
     for s in scores:
-        t.add_row(s.name, f"{s.reward:.4f}", f"{s.reward_se:.4f}", f"{s.kl:.3f}", f"{s.kl_se:.3f}", f"{s.length:.1f}", str(s.n))
+        t.add_row(
+            s.name,
+            f"{s.reward:.4f}",
+            f"{s.reward_se:.4f}",
+            f"{s.kl:.3f}",
+            f"{s.kl_se:.3f}",
+            f"{s.length:.1f}",
+            str(s.n),
+        )
     return t

@@ -17,11 +17,14 @@ class EvalSettings(BaseModel):
     samples_per_prompt: int = Field(2, ge=1, description="Completions sampled per held-out prompt and checkpoint.")
     max_prompts: Optional[int] = Field(None, ge=1, description="Use only the first N held-out prompts.")
     max_new_tokens: Optional[int] = Field(
-        None, ge=1, description="Longest completion in tokens (default: the RL runs' setting; warp rl's default is 64).")
+        None, ge=1, description="Longest completion in tokens (default: the RL runs' setting; warp rl's default is 64)."
+    )
     temperature: Optional[float] = Field(
-        None, gt=0, le=100, description="Sampling temperature, also used by the KL (default: the RL runs'; 0.9).")
+        None, gt=0, le=100, description="Sampling temperature, also used by the KL (default: the RL runs'; 0.9)."
+    )
     length_penalty: Optional[float] = Field(
-        None, ge=0, le=1e3, description="Subtracted from the reward per completion token (default: the RL runs'; 0).")
+        None, ge=0, le=1e3, description="Subtracted from the reward per completion token (default: the RL runs'; 0)."
+    )
     batch_size: int = Field(32, ge=1, description="Completions generated per forward batch.")
     seed: int = Field(1234, description="Sampling seed, the same for every checkpoint (common random numbers).")
 
@@ -30,6 +33,9 @@ class EvalSettings(BaseModel):
         defaults, so held-out samples look like the training samples."""
         from mergekit_warp.rl.config import RLConfig
 
-        fill = {k: (rl or {}).get(k, RLConfig.model_fields[k].default)
-                for k in ("max_new_tokens", "temperature", "length_penalty") if getattr(self, k) is None}
+        fill = {
+            k: (rl or {}).get(k, RLConfig.model_fields[k].default)
+            for k in ("max_new_tokens", "temperature", "length_penalty")
+            if getattr(self, k) is None
+        }
         return self.model_copy(update=fill)

@@ -64,15 +64,26 @@ def bootstrap_ci(x: torch.Tensor, n_boot: int = 2000, level: float = 0.95, seed:
 
 def check_thresholds(t: tuple[float, ...]) -> tuple[float, float, float]:
     if len(t) != 3 or not (0 <= t[0] <= t[1] <= t[2]):
-        raise WarpError(f"--thresholds {','.join(map(str, t))}: give three increasing values t1 ≤ t2 ≤ t3 ≥ 0 (slightly/better/much better)")
+        raise WarpError(
+            f"--thresholds {','.join(map(str, t))}: give three increasing values t1 ≤ t2 ≤ t3 ≥ 0 (slightly/better/much better)"
+        )
     return (float(t[0]), float(t[1]), float(t[2]))
 
 
 def summarize(margins: torch.Tensor, thresholds: tuple[float, float, float], seed: int = 0) -> SxsResult:
     s = score_margins(margins.double(), thresholds)
     lo, hi = bootstrap_ci(s, seed=seed)
-    return SxsResult(mean=s.mean().item(), ci_low=lo, ci_high=hi, wins=int((s > 0).sum()), ties=int((s == 0).sum()),
-                     losses=int((s < 0).sum()), n=len(s), thresholds=thresholds, scores=s.tolist())
+    return SxsResult(
+        mean=s.mean().item(),
+        ci_low=lo,
+        ci_high=hi,
+        wins=int((s > 0).sum()),
+        ties=int((s == 0).sum()),
+        losses=int((s < 0).sum()),
+        n=len(s),
+        thresholds=thresholds,
+        scores=s.tolist(),
+    )
 
 
 def _required_positional(fn) -> int | None:
@@ -94,14 +105,18 @@ def check_margins(out: object, spec: str, n: int) -> list[float]:
     if hasattr(out, "tolist"):  # tensors and arrays
         out = out.tolist()
     if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__iter__"):
-        raise WarpError(f"judge {spec} returned {type(out).__name__}; it must return a list of floats, one margin per pair")
+        raise WarpError(
+            f"judge {spec} returned {type(out).__name__}; it must return a list of floats, one margin per pair"
+        )
     try:
         values = list(out)
     except Exception as e:
         raise WarpError(f"judge {spec} raised {type(e).__name__}: {e}") from None
     if len(values) != n:
-        raise WarpError(f"judge {spec} returned {len(values)} margins for {n} pairs (first bad pair: {min(len(values), n)}); "
-                        "it must return one margin per pair")
+        raise WarpError(
+            f"judge {spec} returned {len(values)} margins for {n} pairs (first bad pair: {min(len(values), n)}); "
+            "it must return one margin per pair"
+        )
     margins = []
     for i, v in enumerate(values):
         try:
@@ -109,10 +124,14 @@ def check_margins(out: object, spec: str, n: int) -> list[float]:
                 raise TypeError
             x = float(v)
         except (TypeError, ValueError):
-            raise WarpError(f"judge {spec} returned {v!r:.40} ({type(v).__name__}) for pair {i}; "
-                            "margins must be numbers (positive favours A)") from None
+            raise WarpError(
+                f"judge {spec} returned {v!r:.40} ({type(v).__name__}) for pair {i}; "
+                "margins must be numbers (positive favours A)"
+            ) from None
         if not math.isfinite(x):
-            raise WarpError(f"judge {spec} returned a non-finite margin {x} for pair {i}; margins must be finite numbers")
+            raise WarpError(
+                f"judge {spec} returned a non-finite margin {x} for pair {i}; margins must be finite numbers"
+            )
         margins.append(x)
     return margins
 
@@ -128,6 +147,7 @@ def load_judge(spec: str, device: str = "cpu", tokenizer=None) -> PairJudge:
         # Required positional arguments, not all parameters: f(prompts, completions, tokenizer=None) is
         # a pointwise reward, f(prompts, a, b, scale=1.0) a pairwise judge.
         if _required_positional(fn) == 3:
+
             def pair(prompts: list[str], a: list[str], b: list[str]) -> list[float]:
                 try:
                     out = fn(prompts, a, b)
@@ -153,20 +173,39 @@ def check_same_tokenizer(tok_a, tok_b, a: Path, b: Path) -> None:
     if va != vb:
         only_a, only_b = sorted(set(va) - set(vb))[:3], sorted(set(vb) - set(va))[:3]
         moved = sorted(t for t in set(va) & set(vb) if va[t] != vb[t])[:3]
-        diff = "; ".join(x for x in (f"only in A: {only_a}" if only_a else "", f"only in B: {only_b}" if only_b else "",
-                                     f"different ids: {moved}" if moved else "") if x)
-        raise WarpError(f"sxs needs A and B to share a tokenizer: {a} and {b} have different vocabularies ({diff}); "
-                        "compare policies fine-tuned from the same model")
+        diff = "; ".join(
+            x
+            for x in (
+                f"only in A: {only_a}" if only_a else "",
+                f"only in B: {only_b}" if only_b else "",
+                f"different ids: {moved}" if moved else "",
+            )
+            if x
+        )
+        raise WarpError(
+            f"sxs needs A and B to share a tokenizer: {a} and {b} have different vocabularies ({diff}); "
+            "compare policies fine-tuned from the same model"
+        )
     sa, sb = tok_a.special_tokens_map, tok_b.special_tokens_map
     if sa != sb:
         keys = sorted(k for k in {*sa, *sb} if sa.get(k) != sb.get(k))
         diff = ", ".join(f"{k} {sa.get(k)!r} vs {sb.get(k)!r}" for k in keys[:3])
-        raise WarpError(f"sxs needs A and B to share a tokenizer: {a} and {b} have different special tokens ({diff}); "
-                        "compare policies fine-tuned from the same model")
+        raise WarpError(
+            f"sxs needs A and B to share a tokenizer: {a} and {b} have different special tokens ({diff}); "
+            "compare policies fine-tuned from the same model"
+        )
 
 
-def sxs(policy_a: Path, policy_b: Path, prompts: Path, judge: str, settings: EvalSettings | None = None, *,
-        thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS, device: str = "cpu") -> SxsResult:
+def sxs(
+    policy_a: Path,
+    policy_b: Path,
+    prompts: Path,
+    judge: str,
+    settings: EvalSettings | None = None,
+    *,
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+    device: str = "cpu",
+) -> SxsResult:
     """Generate with A and B on the same prompts, judge each pair, score it (see the module doc)."""
     from mergekit_warp.lm.models import load_model, load_tokenizer, model_folder
     from mergekit_warp.lm.prompts import load_prompts
@@ -187,8 +226,14 @@ def sxs(policy_a: Path, policy_b: Path, prompts: Path, judge: str, settings: Eva
         model = load_model(path, device=device)
         out = []
         for c, start in enumerate(range(0, len(ps), batch_size)):
-            ro = generate(model, tok, ps[start : start + batch_size], max_new_tokens=s.max_new_tokens,
-                          temperature=s.temperature, generator_seed=seed + c)
+            ro = generate(
+                model,
+                tok,
+                ps[start : start + batch_size],
+                max_new_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                generator_seed=seed + c,
+            )
             out += ro.completions
         del model
         return out

@@ -77,8 +77,13 @@ def recover(out: Path) -> list[str]:
 def _writable_error(folder: Path, e: OSError) -> WarpError:
     if e.errno == errno.ENOENT:
         return WarpError(f"the folder {folder} does not exist; create it first or choose another -o")
-    why = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-           errno.ENOSPC: "no space left on device", errno.ENOTDIR: "not a folder"}.get(e.errno, e.strerror)
+    why = {
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENOSPC: "no space left on device",
+        errno.ENOTDIR: "not a folder",
+    }.get(e.errno, e.strerror)
     return WarpError(f"cannot write in {folder} ({why}); choose another -o")
 
 
@@ -102,8 +107,9 @@ def claim(out: Path, wait: bool = False) -> Iterator[Path]:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
             who = f"process {holder}" if holder.isdigit() else "another process"
-            raise WarpError(f"{out} is being written by {who} (lock {lock.name}); wait for it to finish or "
-                            "choose another -o") from None
+            raise WarpError(
+                f"{out} is being written by {who} (lock {lock.name}); wait for it to finish or choose another -o"
+            ) from None
         # The previous holder unlinks the lock file on release: if that happened between our open and
         # our flock, we locked a file nobody else will see. Retry on the current one.
         try:

@@ -33,7 +33,11 @@ def preflight(readers: list[CheckpointReader], ref: int = 0) -> list[str]:
                 parts.append(f"{len(missing)} of {a}'s tensors are missing in it: {_listing(missing)}")
             if extra:
                 parts.append(f"{len(extra)} of its tensors are not in {a}: {_listing(extra)}")
-            raise WarpError(f"{b}: tensor names differ from {a} — " + "; ".join(parts) + "; merge checkpoints of the same architecture")
+            raise WarpError(
+                f"{b}: tensor names differ from {a} — "
+                + "; ".join(parts)
+                + "; merge checkpoints of the same architecture"
+            )
         for name, info in base.infos.items():
             other = r.infos[name]
             if other.shape != info.shape:

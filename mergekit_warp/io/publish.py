@@ -55,11 +55,15 @@ def check_disjoint(out: Path, inputs: Iterable[Path | str] = ()) -> Path:
             continue
         s = src.resolve()
         if real == s or s in real.parents or (out.exists() and os.path.samefile(out, s)):
-            raise WarpError(f"output {out} is {'the input' if real == s else 'inside the input'} {src}; "
-                            "choose an -o path outside every input")
+            raise WarpError(
+                f"output {out} is {'the input' if real == s else 'inside the input'} {src}; "
+                "choose an -o path outside every input"
+            )
         if real in s.parents:
-            raise WarpError(f"output {out} contains the input {src} (replacing it would delete it); "
-                            "choose an -o path outside every input")
+            raise WarpError(
+                f"output {out} contains the input {src} (replacing it would delete it); "
+                "choose an -o path outside every input"
+            )
     return out
 
 
@@ -120,11 +124,7 @@ def fingerprint(path: Path) -> str:
 
 
 def write_provenance(
-    folder: Path,
-    method: str,
-    params: dict[str, Any],
-    inputs: dict[str, Path | str | list],
-    notes: list[str] = (),
+    folder: Path, method: str, params: dict[str, Any], inputs: dict[str, Path | str | list], notes: list[str] = ()
 ) -> dict[str, Any]:
     """Write `warp_provenance.json` and a model card README.md into `folder`; return the record.
 

@@ -183,7 +183,9 @@ class CheckpointReader:
         for f in source.files:
             for name, info in sorted(read_header(f).items(), key=lambda kv: kv[1].offset):
                 if name in self.infos:
-                    raise WarpError(f"{source.spec}: tensor {name} appears in two shards ({self.infos[name].file.name}, {f.name})")
+                    raise WarpError(
+                        f"{source.spec}: tensor {name} appears in two shards ({self.infos[name].file.name}, {f.name})"
+                    )
                 self.infos[name] = info
         if not self.infos:
             raise WarpError(f"{source.spec}: the checkpoint holds no tensors")

@@ -82,23 +82,31 @@ def _local(spec: str, path: Path, revision: str | None) -> Source:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError, RecursionError) as e:
-            raise WarpError(f"{index}: unreadable shard index ({type(e).__name__}: {e}); re-save the checkpoint") from None
+            raise WarpError(
+                f"{index}: unreadable shard index ({type(e).__name__}: {e}); re-save the checkpoint"
+            ) from None
         if not isinstance(weight_map, dict):
             raise WarpError(f"{index}: unreadable shard index (weight_map is not an object); re-save the checkpoint")
         for tensor, name in weight_map.items():
             if not isinstance(name, str):
-                raise WarpError(f"{index}: unreadable shard index (tensor {tensor} maps to {name!r}, not a file name); "
-                                "re-save the checkpoint")
+                raise WarpError(
+                    f"{index}: unreadable shard index (tensor {tensor} maps to {name!r}, not a file name); "
+                    "re-save the checkpoint"
+                )
             # A plain name in this folder (no separator, not `.`/`..`, no drive like `C:`), judged as written,
             # never by resolving links: HF cache snapshots are symlinks into blobs/ and must keep working.
             if name in ("", ".", "..") or any(c in name for c in "/\\\0") or name[1:2] == ":":
-                raise WarpError(f"{index}: shard {name!r} (tensor {tensor}) is not a plain file name inside {path}; "
-                                "refusing to read outside the checkpoint folder; re-download or re-save it")
+                raise WarpError(
+                    f"{index}: shard {name!r} (tensor {tensor}) is not a plain file name inside {path}; "
+                    "refusing to read outside the checkpoint folder; re-download or re-save it"
+                )
         names = list(dict.fromkeys(weight_map.values()))
         files = tuple(path / n for n in names)
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise WarpError(f"{index} names shards that are missing: {', '.join(missing[:3])}; re-download or re-save it")
+            raise WarpError(
+                f"{index} names shards that are missing: {', '.join(missing[:3])}; re-download or re-save it"
+            )
         return Source(spec, path, files, revision)
     if (path / SINGLE).is_file():
         return Source(spec, path, (path / SINGLE,), revision)
@@ -126,4 +134,6 @@ def _download(repo_id: str, revision: str | None) -> Path:
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WarpError(f"{repo_id}: cannot fetch from the hub ({first}); check the id/--revision or give a local folder") from None
+        raise WarpError(
+            f"{repo_id}: cannot fetch from the hub ({first}); check the id/--revision or give a local folder"
+        ) from None

@@ -21,8 +21,18 @@ import torch
 from mergekit_warp.dtypes import CODES
 from mergekit_warp.errors import WarpError
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -86,7 +96,9 @@ class ShardWriter:
         self.folder = Path(folder)
         self.shards = plan_shards(tensors, max_shard_size)
         n = len(self.shards)
-        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = (
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self._queue = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
         self._pos = 0  # index into _queue of the tensor being written
         self._done = 0  # bytes of it written so far

@@ -33,15 +33,34 @@ def mean_se(xs: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def sample_and_score(policy, ref, tokenizer, prompts: list[str], reward_fn: Callable, *, max_new_tokens: int,
-                     temperature: float, seed: int, batch_size: int, share_prefix: bool = True,
-                     all_done: Callable[[bool], bool] | None = None) -> Samples:
+def sample_and_score(
+    policy,
+    ref,
+    tokenizer,
+    prompts: list[str],
+    reward_fn: Callable,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+    share_prefix: bool = True,
+    all_done: Callable[[bool], bool] | None = None,
+) -> Samples:
     """Sample one completion per entry of `prompts` from `policy` (batch c seeded `seed + c`) and score
     it. `share_prefix`/`all_done`: see `generate` (data-parallel callers pass their own)."""
     rewards, kls, lengths = [], [], []
     for c, start in enumerate(range(0, len(prompts), batch_size)):
-        ro = generate(policy, tokenizer, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
-                      temperature=temperature, generator_seed=seed + c, share_prefix=share_prefix, all_done=all_done)
+        ro = generate(
+            policy,
+            tokenizer,
+            prompts[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            generator_seed=seed + c,
+            share_prefix=share_prefix,
+            all_done=all_done,
+        )
         args = (ro.input_ids, ro.attention_mask, ro.completion_mask)
         lp = sequence_logprobs(policy, *args, temperature=temperature)  # (b,)
         lp_ref = sequence_logprobs(ref, *args, temperature=temperature)  # (b,)

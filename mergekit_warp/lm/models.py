@@ -29,7 +29,9 @@ def model_folder(spec: str | Path, what: str = "model") -> Path:
 
     src = resolve_source(str(spec))
     if src.folder is None:
-        raise WarpError(f"{what} {spec}: a bare .safetensors file has no config.json or tokenizer; give an HF model folder")
+        raise WarpError(
+            f"{what} {spec}: a bare .safetensors file has no config.json or tokenizer; give an HF model folder"
+        )
     for f in src.files:
         read_header(f)
     return src.folder
@@ -68,18 +70,25 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "fp32", device: str 
     auto = AutoModelForCausalLM if head == "causal" else AutoModelForSequenceClassification
     try:
         with quiet_transformers():
-            model, info = auto.from_pretrained(folder, dtype=dt, trust_remote_code=False, use_safetensors=True,
-                                               output_loading_info=True)
+            model, info = auto.from_pretrained(
+                folder, dtype=dt, trust_remote_code=False, use_safetensors=True, output_loading_info=True
+            )
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise WarpError(f"{what} {spec}: cannot be loaded ({_first_line(e)}); give an HF folder with config.json "
-                        "and safetensors weights of a supported architecture") from None
+        raise WarpError(
+            f"{what} {spec}: cannot be loaded ({_first_line(e)}); give an HF folder with config.json "
+            "and safetensors weights of a supported architecture"
+        ) from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:
-        raise WarpError(f"{what} {spec}: its weights lack {len(missing)} tensor(s) the model needs (e.g. "
-                        f"{', '.join(missing[:3])}); it is not a complete {'reward model' if head == 'reward' else 'causal LM'} checkpoint")
+        raise WarpError(
+            f"{what} {spec}: its weights lack {len(missing)} tensor(s) the model needs (e.g. "
+            f"{', '.join(missing[:3])}); it is not a complete {'reward model' if head == 'reward' else 'causal LM'} checkpoint"
+        )
     mismatched = list(info.get("mismatched_keys") or ())
     if mismatched:
-        raise WarpError(f"{what} {spec}: tensor shapes differ from config.json (e.g. {mismatched[0]}); re-save the checkpoint")
+        raise WarpError(
+            f"{what} {spec}: tensor shapes differ from config.json (e.g. {mismatched[0]}); re-save the checkpoint"
+        )
     check_finite(model, f"{what} {spec}")
     return model.to(dev).eval()
 
@@ -89,8 +98,10 @@ def check_finite(model: torch.nn.Module, what: str) -> None:
     """WarpError naming the first float tensor of `model` that holds NaN or Inf."""
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise WarpError(f"{what}: tensor {name} holds NaN or Inf values; the checkpoint is broken: use an "
-                            "earlier one or fix the run that wrote it")
+            raise WarpError(
+                f"{what}: tensor {name} holds NaN or Inf values; the checkpoint is broken: use an "
+                "earlier one or fix the run that wrote it"
+            )
 
 
 def model_context(spec: str | Path) -> int | None:
@@ -101,8 +112,10 @@ def model_context(spec: str | Path) -> int | None:
     try:
         cfg = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
-        raise WarpError(f"model {spec}: no usable config.json ({_first_line(e)}); checkpoints that need their "
-                        "own Python code are not supported") from None
+        raise WarpError(
+            f"model {spec}: no usable config.json ({_first_line(e)}); checkpoints that need their "
+            "own Python code are not supported"
+        ) from None
     cfg = getattr(cfg, "text_config", None) or cfg
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         if isinstance(getattr(cfg, name, None), int):
@@ -120,8 +133,10 @@ def load_tokenizer(spec: str | Path, padding_side: str | None = "left"):
         with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise WarpError(f"tokenizer of {spec}: cannot be loaded ({_first_line(e)}); the folder needs the "
-                        "tokenizer files of its model") from None
+        raise WarpError(
+            f"tokenizer of {spec}: cannot be loaded ({_first_line(e)}); the folder needs the "
+            "tokenizer files of its model"
+        ) from None
     if tok.pad_token is None:
         # Any existing token will do: padded positions are masked out everywhere (attention and loss),
         # and the generated EOS is located by the sampling loop, never by comparing with pad ids.

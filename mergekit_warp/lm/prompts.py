@@ -41,7 +41,9 @@ def read_prompts(path: str | Path, tokenizer) -> list[Prompt]:
         lines = path.read_bytes().decode("utf-8").split("\n")  # (not splitlines: JSON strings may hold U+2028)
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise WarpError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); re-save the file as UTF-8") from None
+        raise WarpError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); re-save the file as UTF-8"
+        ) from None
     except OSError as e:
         raise WarpError(f"prompts file {path} cannot be read ({e.strerror})") from None
     out = []

@@ -111,7 +111,9 @@ def validated(fn: RewardFn, name: str, length_penalty: float = 0.0, tokenizer=No
         try:
             out = fn(list(prompts), list(completions))
         except SystemExit as e:  # the user's code: an exit there must not end warp silently
-            raise WarpError(f"reward {name} called sys.exit({e.code}); a reward must return one float per completion") from None
+            raise WarpError(
+                f"reward {name} called sys.exit({e.code}); a reward must return one float per completion"
+            ) from None
         except Exception as e:
             raise WarpError(f"reward {name} raised {type(e).__name__}: {e}") from None
         try:
@@ -192,4 +194,3 @@ def describe_reward(spec: str) -> dict[str, str]:
     else:
         out["kind"] = "reward_model"
     return out
-

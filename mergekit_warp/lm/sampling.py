@@ -76,8 +76,11 @@ def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, complet
     prompt), capped so each row keeps ≥ 1 prompt token after it. Rows are left-padded."""
     b, L = input_ids.shape
     lead = (attention_mask.long().cumsum(-1) == 0).sum(-1)  # (b,) left pads
-    ends = torch.full_like(lead, L) if completion_mask is None else torch.where(
-        completion_mask.any(-1), completion_mask.long().argmax(-1), L)  # (b,) first completion column
+    ends = (
+        torch.full_like(lead, L)
+        if completion_mask is None
+        else torch.where(completion_mask.any(-1), completion_mask.long().argmax(-1), L)
+    )  # (b,) first completion column
     cap = int((ends - lead).min()) - 1
     if b < 2 or cap < 1:
         return 0
@@ -100,15 +103,25 @@ def forward_shared(model, input_ids, attention_mask, prefix_len: int, **kw):
     row = int(lead.argmin())
     pos = positions(attention_mask)
     ck = _cache_kw(model)
-    pre = model(input_ids=input_ids[row : row + 1, lead[row] : lead[row] + S],
-                position_ids=pos[row : row + 1, lead[row] : lead[row] + S], use_cache=True, logits_to_keep=1)
+    pre = model(
+        input_ids=input_ids[row : row + 1, lead[row] : lead[row] + S],
+        position_ids=pos[row : row + 1, lead[row] : lead[row] + S],
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache = getattr(pre, ck)
     cache.batch_repeat_interleave(input_ids.shape[0])
     cols = torch.arange(offset, input_ids.shape[1], device=input_ids.device)
     rest_mask = attention_mask[:, offset:] * (cols[None] >= (lead + S)[:, None]).to(attention_mask.dtype)
     full_mask = torch.cat([torch.ones_like(attention_mask[:, :S]), rest_mask], dim=1)  # (b, S + L − offset)
-    out = model(input_ids=input_ids[:, offset:], attention_mask=full_mask, position_ids=pos[:, offset:],
-                use_cache=True, **{ck: cache}, **kw)
+    out = model(
+        input_ids=input_ids[:, offset:],
+        attention_mask=full_mask,
+        position_ids=pos[:, offset:],
+        use_cache=True,
+        **{ck: cache},
+        **kw,
+    )
     return out, full_mask
 
 
@@ -157,8 +170,13 @@ def generate(
     """
     dev = next(model.parameters()).device
     seed = generator_seed if generator_seed is not None else int(torch.randint(2**62, (1,)))
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",  # whatever the tokenizer's default
-                    add_special_tokens=add_special_tokens(tokenizer))
+    enc = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",  # whatever the tokenizer's default
+        add_special_tokens=add_special_tokens(tokenizer),
+    )
     ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)  # (b, P)
     b = ids.shape[0]
     eos = eos_ids(model, tokenizer).to(dev)
@@ -233,15 +251,22 @@ def sequence_logprobs(
     start = max(int(cols[0]), 1)  # the first token of a sequence has no prediction
     keep = input_ids.shape[1] - start + 1  # logits at columns start-1 .. L-1
     # Activation checkpointing drops the KV cache inside each layer while grad is on: share nothing then.
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     checkpointing = model.training and torch.is_grad_enabled() and bool(getattr(model, flag, False))
     S = shared_prefix(input_ids, attention_mask, completion_mask) if share_prefix and not checkpointing else 0
     if S >= MIN_SHARED:
         out, _ = forward_shared(model, input_ids, attention_mask, S, logits_to_keep=keep)
     else:
         out = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-            use_cache=False, logits_to_keep=keep,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions(attention_mask),
+            use_cache=False,
+            logits_to_keep=keep,
         )
     logits = out.logits[:, -keep:-1].float() / temperature  # (b, L-start, V) predicting columns start .. L-1
     target = input_ids[:, start:]  # (b, L-start)

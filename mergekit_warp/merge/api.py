@@ -31,10 +31,21 @@ from mergekit_warp.progress import Bytes
 PathLike = str | Path
 
 
-def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathLike | None = None,
-          params: dict[str, Any] | None = None, dtype: str | None = None, max_shard_size: str | int = "5GB",
-          device: str = "cpu", force: bool = False, revision: str | None = None, progress: bool = True,
-          chunk: int = CHUNK) -> Path:
+def merge(
+    method: str,
+    models: Sequence[PathLike],
+    out: PathLike,
+    *,
+    base: PathLike | None = None,
+    params: dict[str, Any] | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    device: str = "cpu",
+    force: bool = False,
+    revision: str | None = None,
+    progress: bool = True,
+    chunk: int = CHUNK,
+) -> Path:
     """Merge `models` (with `base`, the init, where the method takes one) by the registered `method`
     into `out`: check the parameters, resolve and preflight the inputs, refuse an output that overlaps
     them, then stream every tensor through the method's `Combine` into an atomically published folder
@@ -61,12 +72,19 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
         roles: dict[str, Any] = {m.roles[1]: paths[n_base:]}
         if base is not None:
             roles = {m.roles[0]: paths[0], **roles}
-        record = {**p, f"{m.roles[1]}_as_given": [str(x) for x in models],
-                  **({f"{m.roles[0]}_as_given": str(base)} if base is not None else {}),
-                  "dtype": dtype, "max_shard_size": str(max_shard_size), "device": device, "revision": revision}
+        record = {
+            **p,
+            f"{m.roles[1]}_as_given": [str(x) for x in models],
+            **({f"{m.roles[0]}_as_given": str(base)} if base is not None else {}),
+            "dtype": dtype,
+            "max_shard_size": str(max_shard_size),
+            "device": device,
+            "revision": revision,
+        }
         with publishing(out, paths, force) as tmp:
-            files = write_pass(readers, 0, tmp, combine, dtype=out_dtype, max_shard_size=shard, device=dev,
-                               chunk=chunk, progress=bar)
+            files = write_pass(
+                readers, 0, tmp, combine, dtype=out_dtype, max_shard_size=shard, device=dev, chunk=chunk, progress=bar
+            )
             finish_folder(tmp, readers[0].source.folder, out_dtype)
             if readers[0].source.folder is None:
                 notes = [*notes, "the reference input is a bare .safetensors file: no config/tokenizer files copied"]
@@ -79,16 +97,37 @@ def merge(method: str, models: Sequence[PathLike], out: PathLike, *, base: PathL
 
 # The named entry points of the library (and of `warp merge …`): one line each over `merge`.
 
-def slerp(models: list[PathLike], init: PathLike, out: PathLike, *, lam: float | list[float] = 0.5,
-          lam_nonblock: float | None = None, granularity: str = "block", **common: Any) -> Path:
+
+def slerp(
+    models: list[PathLike],
+    init: PathLike,
+    out: PathLike,
+    *,
+    lam: float | list[float] = 0.5,
+    lam_nonblock: float | None = None,
+    granularity: str = "block",
+    **common: Any,
+) -> Path:
     """WARP SLERP of the task vectors of `models` relative to `init` (two models: SLERP at `lam`;
     more: the iterative rule with λ = 1/k), one angle per group (`block`, `tensor` or `model`)."""
-    return merge("slerp", models, out, base=init, params={"lam": lam, "lam_nonblock": lam_nonblock,
-                                                           "granularity": granularity}, **common)
+    return merge(
+        "slerp",
+        models,
+        out,
+        base=init,
+        params={"lam": lam, "lam_nonblock": lam_nonblock, "granularity": granularity},
+        **common,
+    )
 
 
-def lerp(models: list[PathLike], out: PathLike, *, weights: list[float] | None = None, init: PathLike | None = None,
-         **common: Any) -> Path:
+def lerp(
+    models: list[PathLike],
+    out: PathLike,
+    *,
+    weights: list[float] | None = None,
+    init: PathLike | None = None,
+    **common: Any,
+) -> Path:
     """Weighted average Σ w_m θ_m (a model soup; default uniform weights), or of task vectors,
     θ_init + Σ w_m (θ_m − θ_init), when `init` is given."""
     return merge("lerp", models, out, base=init, params={"weights": weights}, **common)
@@ -99,15 +138,30 @@ def ema(checkpoints: list[PathLike], out: PathLike, *, mu: float = 0.01, **commo
     return merge("ema", checkpoints, out, params={"mu": mu}, **common)
 
 
-def liti(merged: PathLike, init: PathLike, out: PathLike, *, eta: float | list[float] = 0.3,
-         eta_nonblock: float | None = None, **common: Any) -> Path:
+def liti(
+    merged: PathLike,
+    init: PathLike,
+    out: PathLike,
+    *,
+    eta: float | list[float] = 0.3,
+    eta_nonblock: float | None = None,
+    **common: Any,
+) -> Path:
     """LITI: (1 − η)·θ_init + η·θ_merged (η may be a per-layer list); η > 1 extrapolates. `init` is
     the iteration's init or θ_sft — both targets of the paper are this same call."""
     return merge("liti", [merged], out, base=init, params={"eta": eta, "eta_nonblock": eta_nonblock}, **common)
 
 
-def inspect(models: list[PathLike], init: PathLike, *, granularity: str = "block", revision: str | None = None,
-            device: str = "cpu", progress: bool = False, chunk: int = CHUNK) -> list[dict[str, Any]]:
+def inspect(
+    models: list[PathLike],
+    init: PathLike,
+    *,
+    granularity: str = "block",
+    revision: str | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+    chunk: int = CHUNK,
+) -> list[dict[str, Any]]:
     """Per group (WARP fig. 11 diagnostics): task-vector norms ‖δ_m‖, pairwise task-vector cosines and
     angles Ω (degrees), and full-weight cosines over [init, models…] (index 0 is the init)."""
     if len(models) < 1:
@@ -117,20 +171,30 @@ def inspect(models: list[PathLike], init: PathLike, *, granularity: str = "block
         readers = [stack.enter_context(CheckpointReader(resolve_source(s, revision))) for s in [init, *models]]
         preflight(readers)
         groups = group_names(readers[0].names, granularity)
-        grams = gram_pass(readers, groups, device=resolve_device(device), chunk=chunk, progress=Bytes(progress), full=True)
+        grams = gram_pass(
+            readers, groups, device=resolve_device(device), chunk=chunk, progress=Bytes(progress), full=True
+        )
         rows = []
         for g, ns in groups.items():
             gd, gf = grams[g]["delta"], grams[g]["full"]
             tn, wn = gd.diag().clamp_min(0).sqrt(), gf.diag().clamp_min(0).sqrt()
             tcos = _cos(gd, tn)
-            rows.append({
-                "group": g, "layer": _layer(ns), "tensors": len(ns),
-                "numel": sum(readers[0].infos[n].numel for n in ns),
-                "task_norms": tn.tolist(), "task_cos": tcos,
-                "omega_deg": [[None if c is None else math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in row]
-                              for row in tcos],
-                "weight_norms": wn.tolist(), "weight_cos": _cos(gf, wn),
-            })
+            rows.append(
+                {
+                    "group": g,
+                    "layer": _layer(ns),
+                    "tensors": len(ns),
+                    "numel": sum(readers[0].infos[n].numel for n in ns),
+                    "task_norms": tn.tolist(),
+                    "task_cos": tcos,
+                    "omega_deg": [
+                        [None if c is None else math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in row]
+                        for row in tcos
+                    ],
+                    "weight_norms": wn.tolist(),
+                    "weight_cos": _cos(gf, wn),
+                }
+            )
         return rows
 
 

@@ -46,8 +46,7 @@ def fetch_raw(reader: CheckpointReader, name: str, start: int, stop: int, device
     return reader.read(name, start, stop).to(device)
 
 
-def check_finite(value: Tensor, readers: list[CheckpointReader], name: str, device: torch.device,
-                 chunk: int) -> None:
+def check_finite(value: Tensor, readers: list[CheckpointReader], name: str, device: torch.device, chunk: int) -> None:
     """NaN/Inf in any input propagates into `value` (a Gram matrix or an output chunk; IEEE: 0·Inf is
     NaN), so one cheap test per chunk guards all inputs. When it fails, find and name the culprit."""
     if bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all()):
@@ -114,9 +113,7 @@ def gram_pass(
 def output_layout(ref: CheckpointReader, dtype: torch.dtype | None) -> list[OutTensor]:
     """The output's tensors: the reference's names, shapes and non-float dtypes; float tensors in
     `dtype` (default: each as the reference stores it)."""
-    return [
-        OutTensor(n, (dtype or i.dtype) if i.is_float else i.dtype, i.shape) for n, i in ref.infos.items()
-    ]
+    return [OutTensor(n, (dtype or i.dtype) if i.is_float else i.dtype, i.shape) for n, i in ref.infos.items()]
 
 
 def write_pass(
@@ -149,9 +146,16 @@ def write_pass(
     return writer.files
 
 
-def _stream_tensor(readers: list[CheckpointReader], ref: int, t: OutTensor, combine: Combine,
-                   writer: BackgroundWriter, device: torch.device, chunk: int,
-                   advance: Callable[[int, int], None]) -> None:
+def _stream_tensor(
+    readers: list[CheckpointReader],
+    ref: int,
+    t: OutTensor,
+    combine: Combine,
+    writer: BackgroundWriter,
+    device: torch.device,
+    chunk: int,
+    advance: Callable[[int, int], None],
+) -> None:
     info = readers[ref].infos[t.name]
     for start, stop in chunks(info.numel, chunk):
         if not info.is_float:

@@ -56,8 +56,14 @@ class Schedule:
     nonblock: float
 
     @classmethod
-    def build(cls, option: str, value: float | list[float], nonblock: float | None = None,
-              low: float = 0.0, high: float | None = 1.0) -> Schedule:
+    def build(
+        cls,
+        option: str,
+        value: float | list[float],
+        nonblock: float | None = None,
+        low: float = 0.0,
+        high: float | None = 1.0,
+    ) -> Schedule:
         """Validate (finite, within [low, high]; `high=None` for no upper bound) and build."""
         values = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
         if not values:

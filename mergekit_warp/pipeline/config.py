@@ -237,7 +237,9 @@ def _check_rl_keys(path: Path, cfg: PipelineConfig) -> None:
                 hint = "use top-level 'seed'/'seeds'" if key == "seed" else "the pipeline sets it"
                 raise WarpError(f"config {path}: key '{where}.{key}' is not allowed here ({hint})")
             if key not in fields:
-                raise WarpError(f"config {path}: unknown key '{where}.{key}'; valid RL options: {', '.join(sorted(fields - set(PIPELINE_OWNED)))}")
+                raise WarpError(
+                    f"config {path}: unknown key '{where}.{key}'; valid RL options: {', '.join(sorted(fields - set(PIPELINE_OWNED)))}"
+                )
 
 
 def _resolve_paths(base: Path, cfg: PipelineConfig) -> PipelineConfig:
@@ -245,7 +247,9 @@ def _resolve_paths(base: Path, cfg: PipelineConfig) -> PipelineConfig:
         return None if p is None else (p if p.is_absolute() else base / p)
 
     prompts = cfg.prompts.model_copy(update={"train": rel(cfg.prompts.train), "heldout": rel(cfg.prompts.heldout)})
-    return cfg.model_copy(update={"prompts": prompts, "init": _rel_spec(base, cfg.init), "reward": _rel_spec(base, cfg.reward)})
+    return cfg.model_copy(
+        update={"prompts": prompts, "init": _rel_spec(base, cfg.init), "reward": _rel_spec(base, cfg.reward)}
+    )
 
 
 def _rel_spec(base: Path, spec: str) -> str:

@@ -82,8 +82,10 @@ class Manifest:
             raw = json.loads(path.read_text())
             m = cls(run_dir, raw["config"], raw["config_hash"], {k: Step(**v) for k, v in raw["steps"].items()})
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise WarpError(f"{path} is damaged or not a warp manifest ({type(e).__name__}); restore it, or start "
-                            "the pipeline again in a new -o folder") from None
+            raise WarpError(
+                f"{path} is damaged or not a warp manifest ({type(e).__name__}); restore it, or start "
+                "the pipeline again in a new -o folder"
+            ) from None
         m.created = raw.get("created", m.created)
         return m
 
@@ -109,13 +111,27 @@ class Manifest:
 
     def start(self, name: str, kind: str, inputs: dict[str, Path], device: str | None = None) -> None:
         s = self.step(name, kind)
-        s.status, s.started, s.finished, s.pid, s.device, s.error = "running", time.time(), None, os.getpid(), device, None
+        s.status, s.started, s.finished, s.pid, s.device, s.error = (
+            "running",
+            time.time(),
+            None,
+            os.getpid(),
+            device,
+            None,
+        )
         s.inputs = {role: {"path": str(p), "hash": output_hash(p)} for role, p in inputs.items()}
         s.output, s.hash = None, None
         self.save()
 
-    def finish(self, name: str, output: Path | None, metrics: dict[str, Any] | None = None, *,
-               started: float | None = None, finished: float | None = None) -> None:
+    def finish(
+        self,
+        name: str,
+        output: Path | None,
+        metrics: dict[str, Any] | None = None,
+        *,
+        started: float | None = None,
+        finished: float | None = None,
+    ) -> None:
         """Mark a step done. `started`/`finished`: when the work really ran, measured by the process
         that did it (a parallel worker), instead of when this process submitted and collected it."""
         s = self.steps[name]

@@ -40,7 +40,9 @@ class PipelineResult:
     """The Pareto evaluation's summary text (None when evaluation is disabled)."""
 
 
-def run_pipeline(config_path: Path, run_dir: Path | None = None, *, resume: bool = False, progress: bool = True) -> PipelineResult:
+def run_pipeline(
+    config_path: Path, run_dir: Path | None = None, *, resume: bool = False, progress: bool = True
+) -> PipelineResult:
     """Run (or resume) the WARP pipeline described by `config_path` into `run_dir`."""
     config_path = Path(config_path)
     cfg = load_config(config_path)
@@ -48,8 +50,9 @@ def run_pipeline(config_path: Path, run_dir: Path | None = None, *, resume: bool
     if run_dir.exists() and not run_dir.is_dir():
         raise WarpError(f"run folder {run_dir} is a file; choose another -o")
     sft = preflight(config_path, cfg)  # every input checked before anything is written
-    check_disjoint(run_dir, [sft, config_path, cfg.prompts.train, *filter(None, [cfg.prompts.heldout]),
-                             *_reward_inputs(cfg)])
+    check_disjoint(
+        run_dir, [sft, config_path, cfg.prompts.train, *filter(None, [cfg.prompts.heldout]), *_reward_inputs(cfg)]
+    )
     run_dir.parent.mkdir(parents=True, exist_ok=True)  # `runs/` need not exist on a fresh clone
     with claim(run_dir):
         return _run(cfg, config_path, run_dir, sft, resume, Log(progress, "warp pipeline"))
@@ -67,16 +70,30 @@ def _run(cfg: PipelineConfig, config_path: Path, run_dir: Path, sft: Path, resum
         merged = lay.merged(i)
         if cfg.runs > 1:
             inputs = {"init": init, **{f"run_{m}": r for m, r in enumerate(runs, 1)}}
-            _merge_step(manifest, lay, "slerp", inputs, merged, log,
-                        lambda out, force, init=init, runs=runs: _slerp(cfg, runs, init, out, force))
+            _merge_step(
+                manifest,
+                lay,
+                "slerp",
+                inputs,
+                merged,
+                log,
+                lambda out, force, init=init, runs=runs: _slerp(cfg, runs, init, out, force),
+            )
 
         # -- LITI toward the iteration's init (Algorithm 1) or θ_sft → next init
         last = i == cfg.iterations
         target = init if cfg.liti.target == "init" else sft
         eta = cfg.liti.final_eta if (last and cfg.liti.final_eta is not None) else cfg.liti.eta
         out = lay.liti(i)
-        _merge_step(manifest, lay, "liti", {"merged": merged, "target": target}, out, log,
-                    lambda o, force, merged=merged, target=target, eta=eta: _liti(merged, target, o, eta, force))
+        _merge_step(
+            manifest,
+            lay,
+            "liti",
+            {"merged": merged, "target": target},
+            out,
+            log,
+            lambda o, force, merged=merged, target=target, eta=eta: _liti(merged, target, o, eta, force),
+        )
         init = out
 
     summary = _pareto_step(cfg, lay, manifest, sft, log) if cfg.eval.enabled else None
@@ -148,8 +165,10 @@ def _open_manifest(lay: Layout, cfg: PipelineConfig, config_path: Path, resume: 
             raise WarpError(f"--resume: {lay.root} has no {lay.manifest.name}; run without --resume to start it")
         manifest = Manifest.load(lay.root)
         if manifest.config_hash != cfg.digest():
-            raise WarpError(f"--resume: {config_path} differs from the config {lay.root} was started with; "
-                            "restore it or start a new run folder with -o")
+            raise WarpError(
+                f"--resume: {config_path} differs from the config {lay.root} was started with; "
+                "restore it or start a new run folder with -o"
+            )
         return manifest
     if lay.root.exists() and any(lay.root.iterdir()):
         raise WarpError(f"run folder {lay.root} already exists; pass --resume to continue it or choose another -o")
@@ -164,7 +183,9 @@ def _open_manifest(lay: Layout, cfg: PipelineConfig, config_path: Path, resume: 
 # Steps
 
 
-def _rl_runs(cfg: PipelineConfig, lay: Layout, manifest: Manifest, i: int, init: Path, resume: bool, log: Log) -> list[Path]:
+def _rl_runs(
+    cfg: PipelineConfig, lay: Layout, manifest: Manifest, i: int, init: Path, resume: bool, log: Log
+) -> list[Path]:
     """Run the M RL runs of iteration i (skipping finished ones); return their output folders."""
     runs = lay.runs_of(i)
     todo = []
@@ -176,7 +197,9 @@ def _rl_runs(cfg: PipelineConfig, lay: Layout, manifest: Manifest, i: int, init:
         prior = manifest.steps.get(name)
         # Continue the run's own saved state only if it was started from this very init.
         same_init = prior is not None and prior.inputs.get("init", {}).get("hash") == output_hash(init)
-        rl_cfg = _rl_config(cfg, i, m, init, out, resume=resume and same_init, progress=log.enabled and not cfg.parallel)
+        rl_cfg = _rl_config(
+            cfg, i, m, init, out, resume=resume and same_init, progress=log.enabled and not cfg.parallel
+        )
         todo.append((name, m, rl_cfg))
 
     if not cfg.parallel:
@@ -196,9 +219,12 @@ def _rl_runs(cfg: PipelineConfig, lay: Layout, manifest: Manifest, i: int, init:
     from mergekit_warp.rl.launch import die_with_parent
 
     slot = lambda m: (m - 1) % len(cfg.devices)  # noqa: E731
-    pools = {s: ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                    initializer=die_with_parent)
-             for s in dict.fromkeys(slot(m) for _, m, _ in todo)}
+    pools = {
+        s: ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent
+        )
+        for s in dict.fromkeys(slot(m) for _, m, _ in todo)
+    }
     try:
         futures = {}
         for name, m, rl_cfg in todo:
@@ -242,14 +268,24 @@ def _pareto_step(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path
         return (lay.eval / "summary.txt").read_text()
     log(f"{name}: Pareto evaluation of {cfg.iterations} iteration(s) on {cfg.eval_device}")
     manifest.start(name, "pareto", inputs, device=cfg.eval_device)
-    result = _guarded(manifest, name, lambda: evaluate_run(lay.root, cfg=cfg, sft=sft, force=True, progress=log.enabled))
+    result = _guarded(
+        manifest, name, lambda: evaluate_run(lay.root, cfg=cfg, sft=sft, force=True, progress=log.enabled)
+    )
     manifest.finish(name, None, result.headline)
     return result.summary
 
 
-def evaluate_run(run_dir: Path, *, cfg: PipelineConfig | None = None, sft: Path | None = None,
-                 etas: list[float] | None = None, out: Path | None = None, force: bool = False,
-                 device: str | None = None, progress: bool = True):
+def evaluate_run(
+    run_dir: Path,
+    *,
+    cfg: PipelineConfig | None = None,
+    sft: Path | None = None,
+    etas: list[float] | None = None,
+    out: Path | None = None,
+    force: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+):
     """The Pareto evaluation of every finished iteration of run folder `run_dir` (`warp eval pareto`),
     with the run's own held-out prompts, reward and evaluation settings."""
     from mergekit_warp.eval.pareto import Iteration, pareto
@@ -258,8 +294,9 @@ def evaluate_run(run_dir: Path, *, cfg: PipelineConfig | None = None, sft: Path 
     run_dir = Path(run_dir)
     if cfg is None:
         if not (run_dir / "run.json").is_file():
-            raise WarpError(f"{run_dir} is not a pipeline run folder (no run.json); pass the -o folder of "
-                            "`warp pipeline run`")
+            raise WarpError(
+                f"{run_dir} is not a pipeline run folder (no run.json); pass the -o folder of `warp pipeline run`"
+            )
         cfg = PipelineConfig.model_validate(Manifest.load(run_dir).config)
     sft = sft or model_folder(cfg.init, "init")
     lay = Layout(run_dir, cfg.iterations, cfg.runs)
@@ -275,10 +312,20 @@ def evaluate_run(run_dir: Path, *, cfg: PipelineConfig | None = None, sft: Path 
         init = lay.liti(i)
     if not iterations:
         raise WarpError(f"{run_dir}: no iteration has finished its RL runs and merge yet; nothing to evaluate")
-    return pareto(sft, iterations, cfg.prompts.heldout or cfg.prompts.train, cfg.reward, cfg.eval.resolved(cfg.rl),
-                  Path(out) if out is not None else lay.eval, etas=list(etas if etas is not None else cfg.eval.etas),
-                  target=cfg.eval.target, force=force, device=device or cfg.eval_device, progress=progress,
-                  title=f"WARP Pareto front ({Path(cfg.init).name}, reward: {Path(cfg.reward).name})")
+    return pareto(
+        sft,
+        iterations,
+        cfg.prompts.heldout or cfg.prompts.train,
+        cfg.reward,
+        cfg.eval.resolved(cfg.rl),
+        Path(out) if out is not None else lay.eval,
+        etas=list(etas if etas is not None else cfg.eval.etas),
+        target=cfg.eval.target,
+        force=force,
+        device=device or cfg.eval_device,
+        progress=progress,
+        title=f"WARP Pareto front ({Path(cfg.init).name}, reward: {Path(cfg.reward).name})",
+    )
 
 
 def _slerp(cfg: PipelineConfig, runs: list[Path], init: Path, out: Path, force: bool) -> Path:
@@ -321,8 +368,15 @@ def _rl_config(cfg: PipelineConfig, i: int, m: int, init: Path, out: Path, *, re
     from mergekit_warp.rl.config import make_config
 
     fields = dict(
-        model=str(init), prompts=cfg.prompts.train, reward=cfg.reward, out=out, device=cfg.device(m),
-        seed=cfg.run_seed(i, m), resume=resume, force=out.exists() and not resume, progress=progress,
+        model=str(init),
+        prompts=cfg.prompts.train,
+        reward=cfg.reward,
+        out=out,
+        device=cfg.device(m),
+        seed=cfg.run_seed(i, m),
+        resume=resume,
+        force=out.exists() and not resume,
+        progress=progress,
     )
     section = "rl" if not cfg.per_run or not cfg.per_run[m - 1] else f"rl/per_run.{m - 1}"
     return make_config({**cfg.rl_options(m), **fields}, where=section)

@@ -70,7 +70,9 @@ def status_table(run_dir: Path):
 
     run_dir = Path(run_dir)
     if not (run_dir / MANIFEST).is_file():
-        raise WarpError(f"{run_dir} is not a pipeline run folder (no {MANIFEST}); pass the -o folder of `warp pipeline run`")
+        raise WarpError(
+            f"{run_dir} is not a pipeline run folder (no {MANIFEST}); pass the -o folder of `warp pipeline run`"
+        )
     man = Manifest.load(run_dir)
     t = Table(title=f"warp pipeline — {run_dir}")
     for col in ("step", "kind", "status", "device", "time", "metrics"):
@@ -84,7 +86,9 @@ def status_table(run_dir: Path):
             dur = f"{(s.finished or time.time()) - s.started:.0f}s"
         err = f"  {s.error[:80]}" if s is not None and s.error and st == "failed" else ""
         color = style.get(st.split()[0], "cyan")
-        t.add_row(name, kind, f"[{color}]{st}[/{color}]", (s.device or "") if s else "", dur, _metrics(s, run_dir) + err)
+        t.add_row(
+            name, kind, f"[{color}]{st}[/{color}]", (s.device or "") if s else "", dur, _metrics(s, run_dir) + err
+        )
     return t
 
 

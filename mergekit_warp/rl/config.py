@@ -21,42 +21,92 @@ class RLConfig(BaseModel):
 
     model: str = Field(description="The SFT/init policy: an HF folder, a hub id or the builtin smollm2-135m-instruct.")
     prompts: Path = Field(description='Training prompts, JSONL: one {"prompt": ...} or {"messages": [...]} per line.')
-    reward: str = Field(description="'sentiment' (VADER), 'module:function' or 'file.py:function' (runs that Python "
-                                    "code: use only code you trust), or an HF 1-label reward model folder.")
-    out: Path = Field(description="Output folder (published atomically at the end; state lives in OUT.partial/ meanwhile).")
+    reward: str = Field(
+        description="'sentiment' (VADER), 'module:function' or 'file.py:function' (runs that Python "
+        "code: use only code you trust), or an HF 1-label reward model folder."
+    )
+    out: Path = Field(
+        description="Output folder (published atomically at the end; state lives in OUT.partial/ meanwhile)."
+    )
     beta: float = Field(0.1, ge=0, le=1e6, description="KL coefficient β in r − β·(log π − log π_anchor).")
-    mu: float = Field(0.01, ge=0, le=1, description="EMA rate μ of the anchor: θ_ema ← (1−μ)·θ_ema + μ·θ after every optimiser step.")
-    anchor: Literal["ema", "init"] = Field("ema", description="'ema' (WARP) or 'init' (frozen init, the classic RLHF baseline).")
-    temperature: float = Field(0.9, gt=0, le=100, description="Sampling temperature; log-probs for the loss and the KL use the same temperature.")
+    mu: float = Field(
+        0.01, ge=0, le=1, description="EMA rate μ of the anchor: θ_ema ← (1−μ)·θ_ema + μ·θ after every optimiser step."
+    )
+    anchor: Literal["ema", "init"] = Field(
+        "ema", description="'ema' (WARP) or 'init' (frozen init, the classic RLHF baseline)."
+    )
+    temperature: float = Field(
+        0.9,
+        gt=0,
+        le=100,
+        description="Sampling temperature; log-probs for the loss and the KL use the same temperature.",
+    )
     batch_size: int = Field(128, ge=1, description="Prompts per optimiser step.")
     samples_per_prompt: int = Field(2, ge=1, description="Completions sampled per prompt (k); RLOO needs k ≥ 2.")
     baseline: Literal["rloo", "mean", "none"] = Field(
-        "rloo", description="REINFORCE baseline: 'rloo' (leave-one-out over the k samples), 'mean' (batch mean), 'none'.")
+        "rloo",
+        description="REINFORCE baseline: 'rloo' (leave-one-out over the k samples), 'mean' (batch mean), 'none'.",
+    )
     lr: float = Field(1e-6, gt=0, le=1, description="Adam learning rate (after warm-up).")
     warmup: int = Field(100, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
     steps: int = Field(9000, ge=1, description="Optimiser steps T.")
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
     micro_batch: Optional[int] = Field(
-        None, ge=1, description="Completions per forward/backward chunk (gradient accumulation); must divide "
-                                "batch size × samples per prompt.")
-    grad_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, ~30% more time).")
-    dtype: str = Field("fp32", description="Policy compute dtype: fp32, bf16 or fp16; the anchor and Adam's master weights stay fp32.")
-    device: str = Field("cpu", description="Torch device: cpu, cuda, cuda:N or mps. Under torchrun / --nproc: cpu (gloo) "
-                                           "or cuda (rank r on cuda:r).")
-    threads: int = Field(0, ge=0, description="Torch CPU threads for this run (0 = torch's default); 1 is fastest on a busy shared machine.")
+        None,
+        ge=1,
+        description="Completions per forward/backward chunk (gradient accumulation); must divide "
+        "batch size × samples per prompt.",
+    )
+    grad_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory, ~30% more time)."
+    )
+    dtype: str = Field(
+        "fp32", description="Policy compute dtype: fp32, bf16 or fp16; the anchor and Adam's master weights stay fp32."
+    )
+    device: str = Field(
+        "cpu",
+        description="Torch device: cpu, cuda, cuda:N or mps. Under torchrun / --nproc: cpu (gloo) "
+        "or cuda (rank r on cuda:r).",
+    )
+    threads: int = Field(
+        0,
+        ge=0,
+        description="Torch CPU threads for this run (0 = torch's default); 1 is fastest on a busy shared machine.",
+    )
     parallel: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="Under torchrun / --nproc: 'ddp' (a replica per rank, gradients all-reduced) or 'fsdp' "
-                           "(FSDP2: policy, anchor and init sharded).")
+        "ddp",
+        description="Under torchrun / --nproc: 'ddp' (a replica per rank, gradients all-reduced) or 'fsdp' "
+        "(FSDP2: policy, anchor and init sharded).",
+    )
     seed: int = Field(0, description="Seed of prompt order and sampling (the M runs of WARP differ by it).")
-    save_every: int = Field(0, ge=0, description="Write OUT/checkpoints/step_K/ every K steps (for `warp merge ema`); 0 = none.")
-    state_every: int = Field(50, ge=0, description="Write resumable state (policy, anchor, optimiser, step) every K steps; 0 = only at save_every.")
+    save_every: int = Field(
+        0, ge=0, description="Write OUT/checkpoints/step_K/ every K steps (for `warp merge ema`); 0 = none."
+    )
+    state_every: int = Field(
+        50,
+        ge=0,
+        description="Write resumable state (policy, anchor, optimiser, step) every K steps; 0 = only at save_every.",
+    )
     kl_stop: Optional[float] = Field(
-        None, description="Stop early once the batch-mean KL to the init reaches this value (the paper stops at 200).")
-    kl_to_init: bool = Field(True, description="Estimate KL to the init every step (one extra forward with --anchor ema; needed by --kl-stop).")
-    length_penalty: float = Field(0.0, ge=0, le=1e3, description="Subtract this times the completion length in tokens from the reward (paper App. E: 0.0005).")
+        None, description="Stop early once the batch-mean KL to the init reaches this value (the paper stops at 200)."
+    )
+    kl_to_init: bool = Field(
+        True,
+        description="Estimate KL to the init every step (one extra forward with --anchor ema; needed by --kl-stop).",
+    )
+    length_penalty: float = Field(
+        0.0,
+        ge=0,
+        le=1e3,
+        description="Subtract this times the completion length in tokens from the reward (paper App. E: 0.0005).",
+    )
     clip_grad: float = Field(1.0, ge=0, description="Clip the gradient's global L2 norm to this; 0 = no clipping.")
-    eval_prompts: Optional[Path] = Field(None, description="Held-out prompts (JSONL) for a periodic reward / KL-to-init estimate.")
-    eval_every: int = Field(0, ge=0, description="Evaluate on the held-out prompts every K steps (and at the end); 0 = only at the end.")
+    eval_prompts: Optional[Path] = Field(
+        None, description="Held-out prompts (JSONL) for a periodic reward / KL-to-init estimate."
+    )
+    eval_every: int = Field(
+        0, ge=0, description="Evaluate on the held-out prompts every K steps (and at the end); 0 = only at the end."
+    )
     resume: bool = Field(False, description="Continue from OUT.partial/ (or return OUT if the run already finished).")
     force: bool = Field(False, description="Replace an existing OUT (and discard an existing OUT.partial/).")
     progress: bool = Field(True, description="Show the live view on stderr.")
@@ -77,12 +127,16 @@ class RLConfig(BaseModel):
             if not ok:
                 raise ValueError(msg)
 
-        need(self.baseline != "rloo" or self.samples_per_prompt >= 2,
-             "--baseline rloo needs --samples-per-prompt ≥ 2 (or use --baseline mean)")
+        need(
+            self.baseline != "rloo" or self.samples_per_prompt >= 2,
+            "--baseline rloo needs --samples-per-prompt ≥ 2 (or use --baseline mean)",
+        )
         n = self.batch_size * self.samples_per_prompt
-        need(self.micro_batch is None or n % self.micro_batch == 0,
-             f"--micro-batch {self.micro_batch} does not divide the {n} completions per step "
-             f"(batch size {self.batch_size} × {self.samples_per_prompt} samples); pick a divisor")
+        need(
+            self.micro_batch is None or n % self.micro_batch == 0,
+            f"--micro-batch {self.micro_batch} does not divide the {n} completions per step "
+            f"(batch size {self.batch_size} × {self.samples_per_prompt} samples); pick a divisor",
+        )
         need(self.kl_stop is None or self.kl_to_init, "--kl-stop needs the KL to the init: drop --no-kl-to-init")
         need(self.eval_every == 0 or self.eval_prompts is not None, "--eval-every needs --eval-prompts FILE")
         return self
@@ -103,8 +157,19 @@ class RLConfig(BaseModel):
 
 # Fields that may change between an interrupted run and its `--resume` without changing the result.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "force", "progress", "steps", "kl_stop", "save_every", "state_every", "device", "eval_every", "threads",
-     "parallel"}
+    {
+        "resume",
+        "force",
+        "progress",
+        "steps",
+        "kl_stop",
+        "save_every",
+        "state_every",
+        "device",
+        "eval_every",
+        "threads",
+        "parallel",
+    }
 )
 
 

@@ -52,7 +52,6 @@ class DistInfo:
         return self.world_size > 1
 
 
-
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -89,9 +88,7 @@ def init_distributed(device: str = "cpu", timeout_s: float = 1800.0) -> DistInfo
         if not torch.cuda.is_available():
             raise WarpError("--device cuda under torchrun, but this machine has no CUDA; use --device cpu")
         if local >= torch.cuda.device_count():
-            raise WarpError(
-                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} visible GPU(s); lower --nproc"
-            )
+            raise WarpError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} visible GPU(s); lower --nproc")
         backend, dev = "nccl", f"cuda:{local}"
         torch.cuda.set_device(local)
     else:

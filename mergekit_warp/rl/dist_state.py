@@ -60,7 +60,8 @@ def shard_optimizer_state(opt: torch.optim.Optimizer, osd: dict) -> dict:
             continue
         state[i] = {
             k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-            if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+            if isinstance(v, torch.Tensor) and v.shape == p.shape
+            else v
             for k, v in st.items()
         }
     return {"state": state, "param_groups": osd["param_groups"]}

@@ -78,8 +78,10 @@ def check(spec: LaunchSpec, batch_size: int | None = None, device: str = "cpu") 
     if kind not in ("cpu", "cuda"):
         raise WarpError(f"--device {device}: distributed runs support cpu (gloo) and cuda (nccl) only")
     if device.startswith("cuda:"):
-        raise WarpError(f"--device {device} with --nproc: pass --device cuda (rank r uses cuda:r; pick GPUs "
-                        "with CUDA_VISIBLE_DEVICES)")
+        raise WarpError(
+            f"--device {device} with --nproc: pass --device cuda (rank r uses cuda:r; pick GPUs "
+            "with CUDA_VISIBLE_DEVICES)"
+        )
     if kind == "cuda":
         import torch
 
@@ -93,8 +95,17 @@ def torchrun_options(spec: LaunchSpec) -> list[str]:
     if spec.max_nodes() == 1:
         # A private rendezvous on a free port: several jobs can share a machine (pipeline device groups).
         return ["--standalone", *opts]
-    opts = ["--nnodes", spec.nnodes, *opts, "--rdzv-backend", "c10d", "--rdzv-endpoint", str(spec.rdzv_endpoint),
-            "--rdzv-id", spec.rdzv_id]
+    opts = [
+        "--nnodes",
+        spec.nnodes,
+        *opts,
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        str(spec.rdzv_endpoint),
+        "--rdzv-id",
+        spec.rdzv_id,
+    ]
     if spec.node_rank is not None:
         opts += ["--node-rank", str(spec.node_rank)]
     return opts
@@ -102,8 +113,16 @@ def torchrun_options(spec: LaunchSpec) -> list[str]:
 
 def torchrun_argv(spec: LaunchSpec, rl_args: list[str]) -> list[str]:
     """The full command that runs `warp rl RL_ARGS` under torchrun (for subprocesses and logs)."""
-    return [sys.executable, "-m", "torch.distributed.run", *torchrun_options(spec), "-m", "mergekit_warp", "rl",
-            *strip_launch_options(rl_args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *torchrun_options(spec),
+        "-m",
+        "mergekit_warp",
+        "rl",
+        *strip_launch_options(rl_args),
+    ]
 
 
 def strip_launch_options(argv: list[str]) -> list[str]:
@@ -142,8 +161,11 @@ def relaunch(spec: LaunchSpec, rl_args: list[str] | None = None) -> int:
     try:
         run(parse_args(argv[3:]))
     except SignalException as e:  # Ctrl-C / SIGTERM to this launcher: torchrun has stopped the workers
-        print(f"interrupted ({e.sigval.name}): workers stopped; nothing was published at the output path; "
-              "rerun with --resume to continue from the last saved state", file=sys.stderr)
+        print(
+            f"interrupted ({e.sigval.name}): workers stopped; nothing was published at the output path; "
+            "rerun with --resume to continue from the last saved state",
+            file=sys.stderr,
+        )
         return 130
     except ChildFailedError as e:
         codes = {f.local_rank: f.exitcode for f in e.failures.values()}
@@ -153,9 +175,11 @@ def relaunch(spec: LaunchSpec, rl_args: list[str] | None = None) -> int:
         desc = ", ".join(
             f"local rank {r}: " + (f"killed by signal {-c}" if c < 0 else f"exit {c}") for r, c in sorted(codes.items())
         )
-        print(f"error: distributed run failed ({desc}); the other ranks were stopped; nothing was published "
-              "at the output path; the last checkpoint (if any) is intact — rerun with --resume",
-              file=sys.stderr)
+        print(
+            f"error: distributed run failed ({desc}); the other ranks were stopped; nothing was published "
+            "at the output path; the last checkpoint (if any) is intact — rerun with --resume",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -178,9 +202,15 @@ def cli_parameters() -> list[inspect.Parameter]:
     hints = {"nproc": int, "nnodes": str, "node_rank": Optional[int], "rdzv_endpoint": Optional[str], "rdzv_id": str}
     return [
         inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
-            default=typer.Option(f.default, "--" + f.name.replace("_", "-"), help=_HELP[f.name],
-                                 rich_help_panel="Multi-GPU / multi-node (torchrun)"),
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=hints[f.name],
+            default=typer.Option(
+                f.default,
+                "--" + f.name.replace("_", "-"),
+                help=_HELP[f.name],
+                rich_help_panel="Multi-GPU / multi-node (torchrun)",
+            ),
         )
         for f in dataclasses.fields(LaunchSpec)
     ]
@@ -277,8 +307,10 @@ def group_device(devices: list[str] | tuple[str, ...]) -> tuple[str, dict[str, s
         return "cpu", {}
     idx = [d.partition(":")[2] for d in devices]
     if not all(d.startswith("cuda:") and i.isdigit() for d, i in zip(devices, idx)):
-        raise WarpError(f"devices: group {devices} mixes kinds or names a device without an index; "
-                        "use [cpu, cpu, ...] or [cuda:0, cuda:1, ...]")
+        raise WarpError(
+            f"devices: group {devices} mixes kinds or names a device without an index; "
+            "use [cpu, cpu, ...] or [cuda:0, cuda:1, ...]"
+        )
     if len(set(idx)) != len(idx):
         raise WarpError(f"devices: group {devices} lists a GPU twice")
     return "cuda", {"CUDA_VISIBLE_DEVICES": ",".join(idx)}
@@ -323,8 +355,12 @@ def train_on_group(cfg, devices: list[str] | tuple[str, ...], log: Path | None =
     # `warp rl --nproc N`: torchrun with a private rendezvous, and one exit status for the job.
     argv = [sys.executable, "-m", "mergekit_warp", "rl", *rl_cli_args(run_cfg), "--nproc", str(spec.nproc)]
     with open(log, "a") if log else contextlib.nullcontext() as sink:
-        res = subprocess.run(argv, env={**env, DIE_WITH_PARENT: "1"}, stdout=sink or subprocess.DEVNULL,
-                             stderr=subprocess.STDOUT if sink else None)
+        res = subprocess.run(
+            argv,
+            env={**env, DIE_WITH_PARENT: "1"},
+            stdout=sink or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if sink else None,
+        )
     if res.returncode != 0:
         why = "stopped on a user error" if res.returncode == 2 else f"failed (exit {res.returncode})"
         where = f"; its output is in {log}" if log else " (its output is above)"

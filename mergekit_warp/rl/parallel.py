@@ -108,7 +108,11 @@ class Parallel:
         """Whether every tensor (this rank's shards) is finite, on every rank: one fused norm per tensor
         (a norm that overflows counts as non-finite: weights that large are as broken)."""
         local = [dist.local_tensor(t).detach() for t in tensors]
-        ok = torch.stack(torch._foreach_norm(local)).isfinite().all().double().cpu() if local else torch.ones((), dtype=torch.float64)
+        ok = (
+            torch.stack(torch._foreach_norm(local)).isfinite().all().double().cpu()
+            if local
+            else torch.ones((), dtype=torch.float64)
+        )
         return bool(self.all_sum(ok) == self.world_size)
 
     def barrier(self) -> None:

@@ -60,8 +60,9 @@ def _cpu(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in named.items()}
 
 
-def save_state(work: Path, step: int, policy: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor] | None,
-               optimizer: dict) -> None:
+def save_state(
+    work: Path, step: int, policy: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor] | None, optimizer: dict
+) -> None:
     """Write the resumable state (see the module docstring); a crash leaves the old state or the new.
     `optimizer`: an optimizer state dict with full tensors."""
     tensors, meta = {}, {"param_groups": optimizer["param_groups"], "state": {}}
@@ -104,13 +105,19 @@ def saved_step(work: Path) -> int | None:
 
 
 def damaged(work: Path, what: str) -> WarpError:
-    return WarpError(f"the resumable state in {work} is damaged ({what} is missing or unreadable); "
-                     "rerun with --force to start the run over")
+    return WarpError(
+        f"the resumable state in {work} is damaged ({what} is missing or unreadable); "
+        "rerun with --force to start the run over"
+    )
 
 
 @torch.no_grad()
-def load_state(work: Path, policy: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor] | None,
-               optimizer: torch.optim.Optimizer) -> int:
+def load_state(
+    work: Path,
+    policy: dict[str, torch.Tensor],
+    anchor: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer,
+) -> int:
     """Copy the saved state into the live tensors (in place) and return the step it was taken at.
     Files hold full tensors; FSDP-sharded tensors take their own shard (any --nproc can resume)."""
     folder = work / STATE
@@ -131,7 +138,9 @@ def load_state(work: Path, policy: dict[str, torch.Tensor], anchor: dict[str, to
             state.setdefault(int(i), {})[k] = v
         for i, st in meta["state"].items():
             state.setdefault(int(i), {}).update(st)
-        optimizer.load_state_dict(shard_optimizer_state(optimizer, {"state": state, "param_groups": meta["param_groups"]}))
+        optimizer.load_state_dict(
+            shard_optimizer_state(optimizer, {"state": state, "param_groups": meta["param_groups"]})
+        )
     except (OSError, SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise damaged(work, f"{folder.name}/: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return step

@@ -116,25 +116,37 @@ def step(run: Run) -> dict[str, float]:
     texts = [run.prompts[i].text for i in idx for _ in range(k)]
     run.policy.eval()
     chunks = [  # completion j of this rank is completion mine.start·k + j of the global batch
-        generate(run.policy, run.tok, texts[c : c + cfg.chunk], max_new_tokens=cfg.max_new_tokens, temperature=tau,
-                 generator_seed=seed_of(cfg.seed, run.step), row_offset=mine.start * k + c,
-                 share_prefix=par.share_prefix(run.policy), all_done=par.all_done(run.policy))
+        generate(
+            run.policy,
+            run.tok,
+            texts[c : c + cfg.chunk],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=tau,
+            generator_seed=seed_of(cfg.seed, run.step),
+            row_offset=mine.start * k + c,
+            share_prefix=par.share_prefix(run.policy),
+            all_done=par.all_done(run.policy),
+        )
         for c in range(0, len(texts), cfg.chunk)
     ]
     t_gen = time.time() - t0
 
     # -- reward (sees the prompts as the policy did)
     dev = next(run.policy.parameters()).device
-    raw = torch.tensor(run.reward_fn(texts, [y for c in chunks for y in c.completions]), dtype=torch.float32,
-                       device=dev)  # (b,)
+    raw = torch.tensor(
+        run.reward_fn(texts, [y for c in chunks for y in c.completions]), dtype=torch.float32, device=dev
+    )  # (b,)
 
     # -- log-probs and KL shaping (no grad); one chunk: its forward with grad also gives log π
     run.policy.train(cfg.grad_checkpointing)  # HF checkpointing only acts in train mode
     logp_grad = _logp(run.trainer, chunks[0], tau, par) if len(chunks) == 1 else None
     logp = logp_grad.detach().float() if logp_grad is not None else _logprobs(run.policy, chunks, tau, None)
     logp_anchor = _logprobs(run.anchor, chunks, tau, run.autocast)  # (b,)
-    logp_init = logp_anchor if run.init is run.anchor else (
-        None if run.init is None else _logprobs(run.init, chunks, tau, None))
+    logp_init = (
+        logp_anchor
+        if run.init is run.anchor
+        else (None if run.init is None else _logprobs(run.init, chunks, tau, None))
+    )
     shaped = shaped_reward(raw, logp, logp_anchor, cfg.beta)  # (b,)
     # The batch-mean baseline is the mean of the GLOBAL batch (RLOO stays within a prompt: local).
     center = par.all_sum(shaped.sum()) / (len(texts) * par.world_size) if cfg.baseline == "mean" else None
@@ -155,9 +167,20 @@ def step(run: Run) -> dict[str, float]:
     grad_norm = torch.nn.utils.clip_grad_norm_(run.weights.tensors, cfg.clip_grad or float("inf"))  # global norm
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if not np.isfinite(grad_norm):
-        culprit = next((name for name, v in (("reward", raw), ("log π", logp), ("log π_anchor", logp_anchor),
-                                             ("shaped reward", shaped), ("loss", torch.tensor(loss_sum)))
-                        if not bool(torch.isfinite(v).all())), "gradient")
+        culprit = next(
+            (
+                name
+                for name, v in (
+                    ("reward", raw),
+                    ("log π", logp),
+                    ("log π_anchor", logp_anchor),
+                    ("shaped reward", shaped),
+                    ("loss", torch.tensor(loss_sum)),
+                )
+                if not bool(torch.isfinite(v).all())
+            ),
+            "gradient",
+        )
         _diverged(run, f"the {culprit} became NaN/Inf")
     lr = lr_at(run.step, cfg.lr, cfg.warmup)
     for group in run.opt.param_groups:
@@ -202,16 +225,28 @@ def step(run: Run) -> dict[str, float]:
 
 def _logp(model, c: Rollout, tau: float, par: Parallel) -> torch.Tensor:
     """(b,) log π(y|x) of one chunk, with grad when grad is enabled."""
-    return sequence_logprobs(model, c.input_ids, c.attention_mask, c.completion_mask, tau,
-                             share_prefix=par.share_prefix(model))
+    return sequence_logprobs(
+        model, c.input_ids, c.attention_mask, c.completion_mask, tau, share_prefix=par.share_prefix(model)
+    )
 
 
 def _logprobs(model, chunks: list[Rollout], tau: float, autocast: torch.dtype | None) -> torch.Tensor:
     """(b,) log π of every completion under `model` (no grad), chunk by chunk."""
     dev = next(model.parameters()).device
     with torch.no_grad(), torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        return torch.cat([sequence_logprobs(model, c.input_ids, c.attention_mask, c.completion_mask, tau,
-                                            share_prefix=Parallel.share_prefix(model)).float() for c in chunks])
+        return torch.cat(
+            [
+                sequence_logprobs(
+                    model,
+                    c.input_ids,
+                    c.attention_mask,
+                    c.completion_mask,
+                    tau,
+                    share_prefix=Parallel.share_prefix(model),
+                ).float()
+                for c in chunks
+            ]
+        )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -221,18 +256,30 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _diverged(run: Run, what: str) -> None:
     last = st.saved_step(run.work)
     kept = f"the last good state (step {last}) stays in {run.work}" if last else "no state was saved yet"
-    raise WarpError(f"step {run.step + 1}: {what}; the run stopped and nothing was published ({kept}); lower "
-                    "--lr (or --beta, --length-penalty) and start over with --force")
+    raise WarpError(
+        f"step {run.step + 1}: {what}; the run stopped and nothing was published ({kept}); lower "
+        "--lr (or --beta, --length-penalty) and start over with --force"
+    )
 
 
 def evaluate(run: Run) -> dict[str, float]:
     """Mean reward and KL(π‖π_init) on the held-out prompts (fixed seeds, so steps are comparable)."""
-    with torch.autocast(next(run.policy.parameters()).device.type, dtype=run.autocast or torch.float32,
-                        enabled=run.autocast is not None):
+    with torch.autocast(
+        next(run.policy.parameters()).device.type, dtype=run.autocast or torch.float32, enabled=run.autocast is not None
+    ):
         s = heldout.sample_and_score(
-            run.policy, run.init, run.tok, run.eval_prompts, run.reward_fn, max_new_tokens=run.cfg.max_new_tokens,
-            temperature=run.cfg.temperature, seed=seed_of(run.cfg.seed, 2**31 - 1), batch_size=run.cfg.chunk,
-            share_prefix=run.par.share_prefix(run.policy), all_done=run.par.all_done(run.policy))
+            run.policy,
+            run.init,
+            run.tok,
+            run.eval_prompts,
+            run.reward_fn,
+            max_new_tokens=run.cfg.max_new_tokens,
+            temperature=run.cfg.temperature,
+            seed=seed_of(run.cfg.seed, 2**31 - 1),
+            batch_size=run.cfg.chunk,
+            share_prefix=run.par.share_prefix(run.policy),
+            all_done=run.par.all_done(run.policy),
+        )
     return {"eval_reward": float(s.rewards.mean()), "eval_kl_init": float(s.kls.mean())}
 
 
@@ -251,8 +298,9 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
     for ps, path in ((prompts, cfg.prompts), (eval_prompts, cfg.eval_prompts)):
         if context and ps:
             check_lengths(ps, tok, context, cfg.max_new_tokens, Path(path))
-    reward_fn = load_reward(cfg.reward, par.device(cfg.device), cfg.length_penalty, tokenizer=tok,
-                            prepare=par.place if par.fsdp else None)
+    reward_fn = load_reward(
+        cfg.reward, par.device(cfg.device), cfg.length_penalty, tokenizer=tok, prepare=par.place if par.fsdp else None
+    )
 
     dtype, where = parse_dtype(cfg.dtype), par.load_device(cfg.device)
     policy = load_model(src, par.policy_dtype(dtype), where)
@@ -277,8 +325,22 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
     dev_type = torch.device(where if not par.fsdp else par.device(cfg.device)).type
     opt = torch.optim.Adam(weights.tensors, lr=cfg.lr, fused=dev_type in ("cpu", "cuda") and not par.fsdp)
 
-    run = Run(cfg, par, src, tok, prompts, [p.text for p in eval_prompts], reward_fn, policy, trainer, anchor, init,
-              weights, opt, work)
+    run = Run(
+        cfg,
+        par,
+        src,
+        tok,
+        prompts,
+        [p.text for p in eval_prompts],
+        reward_fn,
+        policy,
+        trainer,
+        anchor,
+        init,
+        weights,
+        opt,
+        work,
+    )
     if resuming:
         ema = dict(zip(names, run.anchor_params())) if cfg.anchor == "ema" else None
         run.step = st.load_state(work, weights.named(), ema, opt)
@@ -292,8 +354,12 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
 
 def _inputs(cfg: RLConfig) -> list[Path]:
     """What the run reads, for the output-path checks: the init, the prompt files, a reward file/folder."""
-    return [model_folder(cfg.model), Path(cfg.prompts), *([Path(cfg.eval_prompts)] if cfg.eval_prompts else []),
-            *reward_inputs(cfg.reward)]
+    return [
+        model_folder(cfg.model),
+        Path(cfg.prompts),
+        *([Path(cfg.eval_prompts)] if cfg.eval_prompts else []),
+        *reward_inputs(cfg.reward),
+    ]
 
 
 def _plan(cfg: RLConfig, out: Path, work: Path) -> str:
@@ -315,8 +381,10 @@ def _plan(cfg: RLConfig, out: Path, work: Path) -> str:
         saved = st.read_config(work)
         diff = sorted(k for k, v in _comparable(cfg.as_dict()).items() if _comparable(saved).get(k) != v)
         if diff:
-            raise WarpError(f"--resume: options {', '.join('--' + d.replace('_', '-') for d in diff)} differ from "
-                            f"the interrupted run in {work}; restore them or pass --force to start over")
+            raise WarpError(
+                f"--resume: options {', '.join('--' + d.replace('_', '-') for d in diff)} differ from "
+                f"the interrupted run in {work}; restore them or pass --force to start over"
+            )
         return "resume"
     check_output_path(out, inputs, cfg.force)
     if work.exists() and not cfg.force and not cfg.resume:
@@ -382,8 +450,11 @@ def _train(cfg: RLConfig) -> Path:
                 metrics.update(evaluate(run))
             if par.is_main:
                 st.append_metrics(work, metrics)
-                view.update(run.step, f"reward {metrics['reward']:+.3f}  KL {metrics['kl_anchor']:.2f}  "
-                                      f"{metrics['tokens_per_s']:.0f} tok/s")
+                view.update(
+                    run.step,
+                    f"reward {metrics['reward']:+.3f}  KL {metrics['kl_anchor']:.2f}  "
+                    f"{metrics['tokens_per_s']:.0f} tok/s",
+                )
             ckpt = cfg.save_every and run.step % cfg.save_every == 0
             if ckpt or (cfg.state_every and run.step % cfg.state_every == 0):
                 save(run, checkpoint=bool(ckpt))
@@ -395,8 +466,11 @@ def _train(cfg: RLConfig) -> Path:
             shutil.rmtree(work, ignore_errors=True)  # nothing resumable: leave nothing behind
         if isinstance(e, WarpError) and not str(e).startswith("step "):
             last = st.saved_step(work)
-            where = f"resumable state of step {last} kept in {work}; fix it and rerun with --resume" if last else \
-                "nothing was saved; fix it and rerun"
+            where = (
+                f"resumable state of step {last} kept in {work}; fix it and rerun with --resume"
+                if last
+                else "nothing was saved; fix it and rerun"
+            )
             raise WarpError(f"{e} (at step {run.step + 1}; {where})") from None
         raise
     finally:
@@ -425,15 +499,20 @@ def save(run: Run, checkpoint: bool) -> None:
     osd = par.optimizer_state(run.opt)
     if par.is_main:
         if checkpoint:
-            st.write_checkpoint(run.policy, run.src, run.work / "checkpoints" / f"step_{run.step}", run.step,
-                                _record(run), policy_sd)
+            st.write_checkpoint(
+                run.policy, run.src, run.work / "checkpoints" / f"step_{run.step}", run.step, _record(run), policy_sd
+            )
         st.save_state(run.work, run.step, master, ema, osd)
 
 
 def _record(run: Run) -> dict:
     """The parameters recorded in every output's provenance."""
-    return {**run.cfg.as_dict(), "logprob_temperature": run.cfg.temperature,
-            "reward_identity": describe_reward(run.cfg.reward), "world_size": run.par.world_size}
+    return {
+        **run.cfg.as_dict(),
+        "logprob_temperature": run.cfg.temperature,
+        "reward_identity": describe_reward(run.cfg.reward),
+        "world_size": run.par.world_size,
+    }
 
 
 def publish(run: Run, out: Path, stopped: str) -> Path:
@@ -464,8 +543,10 @@ def publish(run: Run, out: Path, stopped: str) -> Path:
             f"anchor: {cfg.anchor} (fp32), baseline: {cfg.baseline}, seed: {cfg.seed}",
         ]
         if par.world_size > 1:
-            notes.append(f"{par.world_size} ranks ({cfg.parallel}), {cfg.batch_size // par.world_size} prompts "
-                         "per rank; replicas checked identical" + (" (n/a: sharded)" if par.fsdp else ""))
+            notes.append(
+                f"{par.world_size} ranks ({cfg.parallel}), {cfg.batch_size // par.world_size} prompts "
+                "per rank; replicas checked identical" + (" (n/a: sharded)" if par.fsdp else "")
+            )
         write_provenance(tmp, METHOD, {**record, "stopped": stopped}, inputs, notes)
     shutil.rmtree(work, ignore_errors=True)
     par.barrier()

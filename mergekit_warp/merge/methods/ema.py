@@ -34,5 +34,11 @@ def build(readers: list[CheckpointReader], p: dict[str, Any], ctx: Context) -> C
     return combine
 
 
-METHOD = Method(name="ema", summary="θ ← (1 − μ)·θ + μ·θ_t over C1 … Cn, starting at C1", base="none",
-                roles=("", "checkpoints"), check=check, build=build)
+METHOD = Method(
+    name="ema",
+    summary="θ ← (1 − μ)·θ + μ·θ_t over C1 … Cn, starting at C1",
+    base="none",
+    roles=("", "checkpoints"),
+    check=check,
+    build=build,
+)

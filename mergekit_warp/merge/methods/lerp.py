@@ -42,6 +42,10 @@ def build(readers: list[CheckpointReader], p: dict[str, Any], ctx: Context) -> C
 
 
 METHOD = Method(
-    name="lerp", summary="Σ w_m·θ_m (model soup), or θ_init + Σ w_m·(θ_m − θ_init) with --init",
-    base="optional", roles=("init", "models"), check=check, build=build,
+    name="lerp",
+    summary="Σ w_m·θ_m (model soup), or θ_init + Σ w_m·(θ_m − θ_init) with --init",
+    base="optional",
+    roles=("init", "models"),
+    check=check,
+    build=build,
 )

@@ -29,5 +29,11 @@ def build(readers: list[CheckpointReader], p: dict[str, Any], ctx: Context) -> C
     return affine_combine(lambda name, fetch: torch.tensor([sched.at(name, n_layers)], dtype=torch.float64))
 
 
-METHOD = Method(name="liti", summary="(1 − η)·θ_init + η·θ_merged; η > 1 extrapolates", base="required",
-                roles=("init", "merged"), check=check, build=build)
+METHOD = Method(
+    name="liti",
+    summary="(1 − η)·θ_init + η·θ_merged; η > 1 extrapolates",
+    base="required",
+    roles=("init", "merged"),
+    check=check,
+    build=build,
+)

@@ -23,7 +23,9 @@ def check(params: dict[str, Any], n_models: int, has_base: bool) -> tuple[dict[s
     granularity = check_granularity(params.get("granularity", "block"))
     notes = []
     if n_models > 2:
-        notes.append(f"{n_models} models: iterative SLERP with λ = 1/k at step k (input order matters); --lambda unused")
+        notes.append(
+            f"{n_models} models: iterative SLERP with λ = 1/k at step k (input order matters); --lambda unused"
+        )
     return {"lambda": sched.record(), "lambda_nonblock": sched.nonblock, "granularity": granularity}, notes
 
 
@@ -35,8 +37,10 @@ def build(readers: list[CheckpointReader], p: dict[str, Any], ctx: Context) -> C
     # Groups larger than one chunk need a first pass for their angle; a single small tensor is read
     # whole in the write pass, so its angle comes from that one read.
     big = {g: ns for g, ns in groups.items() if len(ns) > 1 or readers[0].infos[ns[0]].numel > ctx.chunk}
-    grams = {g: v["delta"] for g, v in gram_pass(readers, big, device=ctx.device, chunk=ctx.chunk,
-                                                  progress=ctx.progress).items()}
+    grams = {
+        g: v["delta"]
+        for g, v in gram_pass(readers, big, device=ctx.device, chunk=ctx.chunk, progress=ctx.progress).items()
+    }
     two = len(readers) == 3
 
     def weights(name: str, fetch: Fetch) -> Tensor:
@@ -53,5 +57,8 @@ def build(readers: list[CheckpointReader], p: dict[str, Any], ctx: Context) -> C
 METHOD = Method(
     name="slerp",
     summary="θ_init + Σ c_m·δ_m, c from the angle Ω between task vectors: sin((1−λ)Ω)/sin Ω, sin(λΩ)/sin Ω",
-    base="required", roles=("init", "models"), check=check, build=build,
+    base="required",
+    roles=("init", "models"),
+    check=check,
+    build=build,
 )
