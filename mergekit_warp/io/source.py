@@ -51,11 +51,11 @@ def resolve_source(spec: str | Path, revision: str | None = None) -> Source:
     file, or a hub id — to a `Source`. Every command resolves checkpoints here. `WarpError` for a
     missing path, a folder that holds no checkpoint, a pickle checkpoint, or a hub id that cannot be
     had (offline and not cached)."""
-    from mergekit_warp import assets
+    from mergekit_warp.io import builtin
 
     text = str(spec)
-    if text in assets.BUILTIN:
-        return _local(text, assets.builtin_folder(text), None)
+    if text in builtin.BUILTIN:
+        return _local(text, builtin.builtin_folder(text), None)
     path = Path(text).expanduser()
     if path.exists():
         return _local(text, path, None)

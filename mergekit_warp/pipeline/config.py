@@ -1,7 +1,7 @@
 """The pipeline's YAML config: typed, frozen, unknown keys are errors.
 
 ```yaml
-init: smollm2-135m-instruct        # HF folder, hub id, or a builtin asset name (mergekit_warp.assets)
+init: smollm2-135m-instruct        # HF folder, hub id, or a builtin model name (mergekit_warp/io/builtin.py)
 prompts: {train: prompts/train.jsonl, heldout: prompts/heldout.jsonl}
 reward: sentiment                  # any `warp rl --reward` spec
 iterations: 2                      # I

@@ -18,6 +18,7 @@ depend on how the batch is split, and every rank takes the Adam step of the glob
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -111,42 +112,19 @@ def step(run: Run) -> dict[str, float]:
     t0, c0 = time.time(), time.process_time()
 
     # -- rollout (no grad): this rank's prompts, k samples each, prompt-major
-    mine = par.share(cfg.batch_size)
-    idx = batch_indices(len(run.prompts), cfg.batch_size, run.step, cfg.seed)[mine]
-    texts = [run.prompts[i].text for i in idx for _ in range(k)]
-    run.policy.eval()
-    chunks = [  # completion j of this rank is completion mine.start·k + j of the global batch
-        generate(
-            run.policy,
-            run.tok,
-            texts[c : c + cfg.chunk],
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=tau,
-            generator_seed=seed_of(cfg.seed, run.step),
-            row_offset=mine.start * k + c,
-            share_prefix=par.share_prefix(run.policy),
-            all_done=par.all_done(run.policy),
-        )
-        for c in range(0, len(texts), cfg.chunk)
-    ]
+    texts, chunks = rollout(run)
     t_gen = time.time() - t0
 
     # -- reward (sees the prompts as the policy did)
-    dev = next(run.policy.parameters()).device
-    raw = torch.tensor(
-        run.reward_fn(texts, [y for c in chunks for y in c.completions]), dtype=torch.float32, device=dev
-    )  # (b,)
+    completions = [y for c in chunks for y in c.completions]
+    raw = torch.tensor(run.reward_fn(texts, completions), dtype=torch.float32, device=chunks[0].input_ids.device)
 
     # -- log-probs and KL shaping (no grad); one chunk: its forward with grad also gives log π
     run.policy.train(cfg.grad_checkpointing)  # HF checkpointing only acts in train mode
-    logp_grad = _logp(run.trainer, chunks[0], tau, par) if len(chunks) == 1 else None
-    logp = logp_grad.detach().float() if logp_grad is not None else _logprobs(run.policy, chunks, tau, None)
+    logp_grad = _logp(run.trainer, chunks[0], tau) if len(chunks) == 1 else None
+    logp = logp_grad.detach().float() if logp_grad is not None else _logprobs(run.policy, chunks, tau)  # (b,)
     logp_anchor = _logprobs(run.anchor, chunks, tau, run.autocast)  # (b,)
-    logp_init = (
-        logp_anchor
-        if run.init is run.anchor
-        else (None if run.init is None else _logprobs(run.init, chunks, tau, None))
-    )
+    logp_init = logp_anchor if run.init is run.anchor else _logprobs(run.init, chunks, tau)  # (b,) or None
     shaped = shaped_reward(raw, logp, logp_anchor, cfg.beta)  # (b,)
     # The batch-mean baseline is the mean of the GLOBAL batch (RLOO stays within a prompt: local).
     center = par.all_sum(shaped.sum()) / (len(texts) * par.world_size) if cfg.baseline == "mean" else None
@@ -156,31 +134,19 @@ def step(run: Run) -> dict[str, float]:
     loss_sum = 0.0
     for j, (c, a) in enumerate(zip(chunks, adv.split(cfg.chunk))):
         with par.grad_sync(run.trainer, enabled=j == len(chunks) - 1):  # communicate once per step
-            lp = logp_grad if logp_grad is not None else _logp(run.trainer, c, tau, par)
+            lp = logp_grad if logp_grad is not None else _logp(run.trainer, c, tau)
             loss = reinforce_loss(lp.float(), a, len(texts))
             loss.backward()
         loss_sum += loss.item()
     run.policy.eval()
 
-    # -- optimiser step (refused when anything became NaN/Inf: the weights stay as they were)
+    # -- optimiser step, refused when anything became NaN/Inf (the weights stay as they were)
     run.weights.take_grads()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.weights.tensors, cfg.clip_grad or float("inf"))  # global norm
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    if not np.isfinite(grad_norm):
-        culprit = next(
-            (
-                name
-                for name, v in (
-                    ("reward", raw),
-                    ("log π", logp),
-                    ("log π_anchor", logp_anchor),
-                    ("shaped reward", shaped),
-                    ("loss", torch.tensor(loss_sum)),
-                )
-                if not bool(torch.isfinite(v).all())
-            ),
-            "gradient",
-        )
+    if not math.isfinite(grad_norm):
+        values = {"reward": raw, "log π": logp, "log π_anchor": logp_anchor, "loss": torch.tensor(loss_sum)}
+        culprit = next((k_ for k_, v in values.items() if not bool(torch.isfinite(v).all())), "gradient")
         _diverged(run, f"the {culprit} became NaN/Inf")
     lr = lr_at(run.step, cfg.lr, cfg.warmup)
     for group in run.opt.param_groups:
@@ -223,30 +189,44 @@ def step(run: Run) -> dict[str, float]:
     return metrics
 
 
-def _logp(model, c: Rollout, tau: float, par: Parallel) -> torch.Tensor:
+def rollout(run: Run) -> tuple[list[str], list[Rollout]]:
+    """This rank's share of the step's prompts, k samples each (prompt-major), and their completions in
+    micro-batches; completion j of this rank is completion share.start·k + j of the global batch."""
+    cfg, k = run.cfg, run.cfg.samples_per_prompt
+    mine = run.par.share(cfg.batch_size)
+    idx = batch_indices(len(run.prompts), cfg.batch_size, run.step, cfg.seed)[mine]
+    texts = [run.prompts[i].text for i in idx for _ in range(k)]
+    run.policy.eval()
+    chunks = [
+        generate(
+            run.policy,
+            run.tok,
+            texts[c : c + cfg.chunk],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            generator_seed=seed_of(cfg.seed, run.step),
+            row_offset=mine.start * k + c,
+            share_prefix=run.par.share_prefix(run.policy),
+            all_done=run.par.all_done(run.policy),
+        )
+        for c in range(0, len(texts), cfg.chunk)
+    ]
+    return texts, chunks
+
+
+def _logp(model, c: Rollout, tau: float) -> torch.Tensor:
     """(b,) log π(y|x) of one chunk, with grad when grad is enabled."""
-    return sequence_logprobs(
-        model, c.input_ids, c.attention_mask, c.completion_mask, tau, share_prefix=par.share_prefix(model)
-    )
+    share = Parallel.share_prefix(model)
+    return sequence_logprobs(model, c.input_ids, c.attention_mask, c.completion_mask, tau, share_prefix=share)
 
 
-def _logprobs(model, chunks: list[Rollout], tau: float, autocast: torch.dtype | None) -> torch.Tensor:
-    """(b,) log π of every completion under `model` (no grad), chunk by chunk."""
+def _logprobs(model, chunks: list[Rollout], tau: float, autocast: torch.dtype | None = None) -> torch.Tensor | None:
+    """(b,) log π of every completion under `model` (no grad), chunk by chunk; None without a model."""
+    if model is None:
+        return None
     dev = next(model.parameters()).device
     with torch.no_grad(), torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        return torch.cat(
-            [
-                sequence_logprobs(
-                    model,
-                    c.input_ids,
-                    c.attention_mask,
-                    c.completion_mask,
-                    tau,
-                    share_prefix=Parallel.share_prefix(model),
-                ).float()
-                for c in chunks
-            ]
-        )
+        return torch.cat([_logp(model, c, tau).float() for c in chunks])
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

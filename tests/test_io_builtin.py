@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from mergekit_warp import assets
+from mergekit_warp.io import builtin as assets
 from mergekit_warp.errors import WarpError
 
 
