@@ -6,7 +6,7 @@ at 500 MB) it builds an init and two perturbed copies, then measures:
       output of the same size with `save_file`;
   (b) `warp merge slerp A B --init INIT` (block angles), as a subprocess, wall time;
   (c) the peak RSS of (b), sampled with psutil.
-It prints (b)/(a) and (c). Targets (issue 2): ratio ≤ 1.25, peak RSS ≤ 1 GB and flat in model size.
+It prints (b)/(a) and (c). Targets: ratio ≤ 1.25, peak RSS ≤ 1 GB and flat in model size.
 Every file is in the page cache for both (a) and (b) (they were just written): this compares the
 engine's overhead with the cheapest possible read-and-write of the same bytes, not disk speed.
 

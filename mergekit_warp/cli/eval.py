@@ -4,6 +4,7 @@ sampling options of `score` and `sxs` are generated from `EvalSettings`, shared 
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from mergekit_warp.cli.common import options_from, user_errors, with_parameters
-from mergekit_warp.errors import WarpError
+from mergekit_warp.errors import WarpError, build
 from mergekit_warp.eval.settings import EvalSettings
 
 
@@ -35,9 +36,12 @@ eval_app = typer.Typer(
 
 def _floats(text: str, option: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise WarpError(f"{option} {text!r}: give comma-separated numbers, e.g. 0,0.3,1") from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise WarpError(f"{option} {text!r}: give comma-separated finite numbers, e.g. 0,0.3,1")
+    return values
 
 
 def _param(name: str, annotation, default) -> inspect.Parameter:
@@ -45,7 +49,7 @@ def _param(name: str, annotation, default) -> inspect.Parameter:
 
 
 def _settings(o: dict) -> EvalSettings:
-    return EvalSettings(**{k: o[k] for k in EvalSettings.model_fields})
+    return build(EvalSettings, {k: o[k] for k in EvalSettings.model_fields})
 
 
 DEVICE = _param("device", str, typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."))
@@ -56,10 +60,13 @@ def score_cmd(**o) -> None:
     from rich.console import Console
 
     from mergekit_warp.eval.score import check_output, evaluate, scores_table, write_scores
+    from mergekit_warp.lm.rewards import reward_inputs
 
     with user_errors():
-        check_output(o["out"])  # before any model is loaded: a bad -o must not cost a whole evaluation
-        scores = evaluate(o["checkpoints"], o["init"], o["prompts"], o["reward"], _settings(o), o["device"])
+        settings = _settings(o)
+        inputs = [*o["checkpoints"], o["init"], o["prompts"], *reward_inputs(o["reward"])]
+        check_output(o["out"], inputs)  # before any model is loaded: a bad -o must not cost a whole evaluation
+        scores = evaluate(o["checkpoints"], o["init"], o["prompts"], o["reward"], settings, o["device"])
         paths = write_scores(scores, o["out"])
     Console(stderr=True).print(scores_table(scores))
     print("\n".join(map(str, paths)))

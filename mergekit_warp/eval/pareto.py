@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from mergekit_warp.eval.score import Evaluator, Score
 from mergekit_warp.eval.settings import EvalSettings
 from mergekit_warp.io.atomic import claim, staged
 from mergekit_warp.io.publish import check_output_path
+from mergekit_warp.lm.rewards import reward_inputs
 from mergekit_warp.progress import Log
 
 
@@ -83,11 +85,12 @@ def pareto(
     """Score θ_sft, and per iteration its init, RL runs, merge, the LITI sweep
     (1 − η)·θ_target + η·θ_merged for each η (`target` 'sft' or 'init'), and the final output; write
     `out/` (pareto.csv, pareto.png, summary.txt, summary.json) atomically."""
-    if any(e < 0 for e in etas):
-        raise WarpError(f"--etas {etas}: η values must be ≥ 0")
+    if not etas or any(not math.isfinite(e) or e < 0 for e in etas):
+        raise WarpError(f"--etas {etas}: η values must be finite and ≥ 0")
     if not iterations:
         raise WarpError("no iteration has finished its RL runs and merge yet; nothing to evaluate")
-    out = check_output_path(Path(out), [], force)
+    checkpoints = [sft, *(p for it in iterations for p in (it.init, *it.runs, it.merged, it.final) if p)]
+    out = check_output_path(Path(out), [*checkpoints, prompts, *reward_inputs(reward)], force)
     ev = Evaluator(sft, prompts, reward, settings, device)
     say = Log(progress)
     cache: dict[tuple, Score] = {}

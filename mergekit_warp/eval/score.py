@@ -14,6 +14,7 @@ as a LITI interpolation built tensor by tensor (nothing is written to disk).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import torch
 
 from mergekit_warp.errors import WarpError
 from mergekit_warp.eval.settings import EvalSettings
+from mergekit_warp.io.atomic import write_atomic
 from mergekit_warp.io.reader import CheckpointReader
 from mergekit_warp.io.source import resolve_source
 from mergekit_warp.lm.heldout import mean_se, sample_and_score
@@ -167,8 +169,11 @@ class Evaluator:
         )
 
 
-def check_output(stem: Path) -> None:
-    """Refuse, before any work, an output STEM whose STEM.csv / STEM.json cannot be written."""
+def check_output(stem: Path, inputs: list = ()) -> None:
+    """Refuse, before any work, an output STEM whose STEM.csv / STEM.json cannot be written, or would
+    overwrite (or lie inside) one of the `inputs`."""
+    from mergekit_warp.io.publish import check_disjoint
+
     stem = Path(stem)
     if stem.name in ("", ".", ".."):
         raise WarpError(f"-o {stem}: give a file stem (OUT writes OUT.csv and OUT.json), not a folder")
@@ -180,6 +185,7 @@ def check_output(stem: Path) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise WarpError(f"-o {stem}: output folder {folder} is not writable; choose another -o or fix its permissions")
     for p in output_paths(stem):
+        check_disjoint(p, inputs)
         if p.is_dir():
             raise WarpError(f"-o {stem}: {p} is a folder; choose another -o (or remove {p})")
         if p.exists() and not os.access(p, os.W_OK):
@@ -215,11 +221,12 @@ def evaluate(
 def write_scores(scores: list[Score], stem: Path) -> tuple[Path, Path]:
     """Write `STEM.csv` and `STEM.json`; return both paths."""
     csv_path, json_path = output_paths(stem)
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Score)])
-        w.writeheader()
-        w.writerows(asdict(s) for s in scores)
-    json_path.write_text(json.dumps([asdict(s) for s in scores], indent=2) + "\n")
+    table = io.StringIO()
+    w = csv.DictWriter(table, fieldnames=[fl.name for fl in fields(Score)])
+    w.writeheader()
+    w.writerows(asdict(s) for s in scores)
+    write_atomic(csv_path, table.getvalue())
+    write_atomic(json_path, json.dumps([asdict(s) for s in scores], indent=2) + "\n")
     return csv_path, json_path
 
 

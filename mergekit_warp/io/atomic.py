@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mergekit_warp.errors import WarpError
+from mergekit_warp.errors import WarpError, disk_error
 
 _KINDS = ("tmp", "new", "old")
 
@@ -153,8 +153,11 @@ def staged(out: Path, *, replace: bool = False) -> Iterator[Path]:
             out.rename(old)  # the commit point: from here on, recovery completes the replacement
             new.rename(out)
             _remove(old)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        err = disk_error(e, out)
+        if err is not None:
+            raise err from None
         raise
 
 
@@ -168,7 +171,10 @@ def write_atomic(path: Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        err = disk_error(e, path)
+        if err is not None:
+            raise err from None
         raise

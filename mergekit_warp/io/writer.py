@@ -9,6 +9,7 @@ the chunk being written. Naming follows HF (`model-00001-of-00003.safetensors` +
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -127,9 +128,11 @@ class ShardWriter:
         self._fh.write(_header(self.shards[shard]))
 
     def abort(self) -> None:
-        """Close the open shard without finishing (the caller discards the folder)."""
+        """Close the open shard without finishing (the caller discards the folder). A second error while
+        closing (a full disk again) must not hide the first one."""
         if self._fh:
-            self._fh.close()
+            with contextlib.suppress(OSError):
+                self._fh.close()
             self._fh = None
 
     def close(self) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mergekit_warp.errors import WarpError
+from mergekit_warp.errors import WarpError, build
 
 
 class RLConfig(BaseModel):
@@ -179,19 +179,6 @@ def flag(name: str) -> str:
 
 
 def make_config(options: dict[str, Any], where: str = "") -> RLConfig:
-    """Build an RLConfig from `options`; the first problem becomes a one-line WarpError naming the option
+    """An RLConfig from `options`; the first problem becomes a one-line WarpError naming the option
     (as a `--flag`, or as `WHERE.key` when `where` names a config section)."""
-    try:
-        return RLConfig(**options)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = str(err["loc"][0]) if err["loc"] else ""
-        name = (f"{where}.{key}" if where else flag(key)) if key else (where or "warp rl")
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown option; check the spelling (see `warp rl --help`)"
-        elif err["type"] == "missing":
-            msg = "required"
-        elif key and "input" in err:
-            msg = f"{err['input']!r}: {msg}"
-        raise WarpError(f"{name} {msg}" if key else msg) from None
+    return build(RLConfig, options, where)
