@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from mergekit_warp.cli.common import user_errors
 from mergekit_warp.errors import WarpError
+from mergekit_warp.merge.methods.base import REQUIRED
 
 merge_app = typer.Typer(help="Merge checkpoints (streaming; output is an HF folder).", no_args_is_help=True)
 
@@ -44,15 +46,23 @@ def slerp_cmd(
     models: list[Path] = typer.Argument(
         ..., help="Fine-tuned checkpoints (HF folders, .safetensors files or hub ids)."
     ),
-    init: Path = typer.Option(..., "--init", help="The shared init the task vectors are taken from."),
+    init: Optional[Path] = typer.Option(
+        None,
+        "--init",
+        help="The shared init the task vectors are taken from (WARP); without it, the full weights "
+        "of two models are interpolated (mergekit's slerp).",
+    ),
     out: Path = OUT,
     lam: str = typer.Option(
-        "0.5", "--lambda", help="Interpolation λ, or a per-layer list '0.3,0.5,0.7' (two models only)."
+        "0.5", "--lambda", help="With --init: interpolation λ, or a per-layer list '0.3,0.5,0.7' (two models only)."
     ),
     lam_nonblock: float = typer.Option(
-        None, "--lambda-nonblock", help="λ for embeddings/final norm/head (default: the list's mean)."
+        None, "--lambda-nonblock", help="With --init: λ for embeddings/final norm/head (default: the list's mean)."
     ),
-    granularity: str = typer.Option("block", "--granularity", help="One angle per: block, tensor or model."),
+    granularity: str = typer.Option(
+        "block", "--granularity", help="With --init: one angle per block, tensor or model."
+    ),
+    t: Optional[float] = typer.Option(None, "--t", help="Without --init: 0 gives the first model, 1 the second (0.5)."),
     dtype: str = DTYPE,
     max_shard_size: str = SHARD,
     device: str = DEVICE,
@@ -60,10 +70,20 @@ def slerp_cmd(
     revision: str = REVISION,
     quiet: bool = QUIET,
 ) -> None:
-    """SLERP the task vectors of MODELS relative to --init (WARP); M > 2 uses the iterative rule."""
+    """SLERP of the task vectors of MODELS relative to --init (WARP; M > 2 by the iterative rule), or without
+    --init of the full weights of two models, one angle per tensor (mergekit's slerp)."""
     from mergekit_warp.merge import api
 
+    common = dict(
+        dtype=dtype, max_shard_size=max_shard_size, device=device, force=force, revision=revision, progress=not quiet
+    )
     with user_errors():
+        if init is None:
+            params = {"t": 0.5 if t is None else t}
+            print(api.merge("slerp", [str(m) for m in models], out, params=params, **common))
+            return
+        if t is not None:
+            raise WarpError("--t is the full-weight SLERP's parameter; with --init use --lambda")
         print(
             api.slerp(
                 [str(m) for m in models],
@@ -72,12 +92,7 @@ def slerp_cmd(
                 lam=_value("--lambda", lam),
                 lam_nonblock=lam_nonblock,
                 granularity=granularity,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                device=device,
-                force=force,
-                revision=revision,
-                progress=not quiet,
+                **common,
             )
         )
 
@@ -233,8 +248,124 @@ def _table(rows: list[dict], m: int) -> None:
     Console().print(t)
 
 
+def _typed_list(p, text: str) -> list:
+    """A parameter's command-line text as values: one, or comma-separated (per model, or a gradient)."""
+    from mergekit_warp.merge.methods.base import _typed
+
+    return [_typed(p, v.strip()) for v in text.split(",")]
+
+
+def method_command(m):
+    """`warp merge NAME MODELS… [--base BASE] [--PARAM V] -o OUT`, built from a registered method's parameters:
+    a per-model parameter takes one value or one per model (comma-separated); another takes a value, or
+    a comma-separated list interpolated over depth (a gradient, as in mergekit's YAML)."""
+    import inspect
+
+    from mergekit_warp.cli.common import with_parameters
+
+    def cmd(**o) -> None:
+        from mergekit_warp.merge import api
+
+        with user_errors():
+            n = len(o["models"])
+            top: dict = {}
+            per_model: list[dict] = [{} for _ in range(n)]
+            for p in m.params:
+                if o[p.name] is None:
+                    continue
+                values = _typed_list(p, o[p.name])
+                if p.per_model:
+                    if len(values) not in (1, n):
+                        raise WarpError(
+                            f"--{p.name.replace('_', '-')}: {len(values)} values for {n} models; give "
+                            "one value, or one per model"
+                        )
+                    for i in range(n):
+                        per_model[i][p.name] = values[0] if len(values) == 1 else values[i]
+                else:
+                    top[p.name] = values[0] if len(values) == 1 else values
+            base = o.get("base")
+            print(
+                api.merge(
+                    m.name,
+                    [str(x) for x in o["models"]],
+                    o["out"],
+                    base=None if base is None else str(base),
+                    params=top,
+                    model_params=per_model if any(per_model) else None,
+                    seed=o.get("seed", 0),
+                    dtype=o["dtype"],
+                    max_shard_size=o["max_shard_size"],
+                    device=o["device"],
+                    force=o["force"],
+                    revision=o["revision"],
+                    progress=not o["quiet"],
+                )
+            )
+
+    def param(name: str, annotation, default) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+    params = [
+        param(
+            "models",
+            list[Path],
+            typer.Argument(..., help="Checkpoints to merge (HF folders, .safetensors files or hub ids)."),
+        )
+    ]
+    if m.base != "none":
+        need = "required" if m.base == "required" else "optional"
+        params.append(
+            param(
+                "base",
+                Optional[Path],
+                typer.Option(
+                    None, "--base", "--init", help=f"The base model the task vectors are taken from ({need})."
+                ),
+            )
+        )
+    params.append(param("out", Path, OUT))
+    for p in m.params:
+        default = "required" if p.default is REQUIRED else f"default {p.default}"
+        scope = "one value or one per model" if p.per_model else "a value"
+        params.append(
+            param(
+                p.name,
+                Optional[str],
+                typer.Option(None, "--" + p.name.replace("_", "-"), help=f"{p.help} ({scope}; {default})"),
+            )
+        )
+    if m.random:
+        params.append(
+            param(
+                "seed",
+                int,
+                typer.Option(
+                    0,
+                    "--seed",
+                    help="Seed of the random drops (with the tensor name and position: same seed, same bytes).",
+                ),
+            )
+        )
+    params += [
+        param("dtype", Optional[str], DTYPE),
+        param("max_shard_size", str, SHARD),
+        param("device", str, DEVICE),
+        param("force", bool, FORCE),
+        param("revision", Optional[str], REVISION),
+        param("quiet", bool, QUIET),
+    ]
+    cmd.__doc__ = m.summary
+    return with_parameters(cmd, params)
+
+
 def register(app: typer.Typer) -> None:
-    """Add `merge` (slerp, lerp, ema), `liti` and `inspect` to the top-level `warp` app."""
+    """Add `merge` (slerp, lerp, ema and every other registered method), `liti` and `inspect` to `warp`."""
+    from mergekit_warp.merge.methods import REGISTRY
+
+    for name, m in REGISTRY.items():
+        if name not in ("slerp", "lerp", "ema", "liti"):  # those four have hand-written commands above
+            merge_app.command(name)(method_command(m))
     app.add_typer(merge_app, name="merge")
     app.command("liti")(liti_cmd)
     app.command("inspect")(inspect_cmd)

@@ -24,8 +24,9 @@ from mergekit_warp.io.reader import CheckpointReader
 from mergekit_warp.io.source import resolve_source
 from mergekit_warp.io.writer import parse_size
 from mergekit_warp.merge.engine import CHUNK, finish_folder, gram_pass, write_pass
-from mergekit_warp.merge.methods import REGISTRY, Context
-from mergekit_warp.merge.plan import check_granularity, group_names, layer_index
+from mergekit_warp.merge.methods import REGISTRY
+from mergekit_warp.merge.methods.base import REQUIRED, Context, Settings, validate
+from mergekit_warp.merge.plan import check_granularity, count_layers, group_names, layer_index
 from mergekit_warp.progress import Bytes
 
 PathLike = str | Path
@@ -38,6 +39,8 @@ def merge(
     *,
     base: PathLike | None = None,
     params: dict[str, Any] | None = None,
+    model_params: Sequence[dict[str, Any]] | None = None,
+    seed: int = 0,
     dtype: str | None = None,
     max_shard_size: str | int = "5GB",
     device: str = "cpu",
@@ -45,50 +48,70 @@ def merge(
     revision: str | None = None,
     progress: bool = True,
     chunk: int = CHUNK,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Merge `models` (with `base`, the init, where the method takes one) by the registered `method`
-    into `out`: check the parameters, resolve and preflight the inputs, refuse an output that overlaps
+    into `out`: check the parameters (`params`: the top-level ones, `model_params`: one mapping per
+    model, as in mergekit's YAML), resolve and preflight the inputs, refuse an output that overlaps
     them, then stream every tensor through the method's `Combine` into an atomically published folder
     with provenance. The reference input (key set, non-float tensors, default dtype, support files) is
-    `base` when given, else the first model."""
+    `base` when given, else the first model. `record`: extra provenance (e.g. the YAML it came from)."""
     if method not in REGISTRY:
         raise WarpError(f"unknown merge method {method!r}; choose one of {', '.join(REGISTRY)}")
     m = REGISTRY[method]
     if base is None and m.base == "required":
-        raise WarpError(f"{method} needs --init (the base the task vectors are taken from)")
-    p, notes = m.check(dict(params or {}), len(models), base is not None)
+        raise WarpError(f"{method} needs a base model (--init/--base: the model the task vectors are taken from)")
+    if base is not None and m.base == "none":
+        raise WarpError(f"{method} takes no base model; drop --init/--base")
+    top = {k: v for k, v in (params or {}).items() if v is not None}
+    per_model = tuple(dict(p) for p in (model_params or ()))
     out_dtype, dev, shard = parse_dtype(dtype) if dtype else None, resolve_device(device), parse_size(max_shard_size)
     specs = ([base] if base is not None else []) + list(models)
     with ExitStack() as stack:
         readers = [stack.enter_context(CheckpointReader(resolve_source(s, revision))) for s in specs]
         paths = [r.source.path for r in readers]
+        settings = Settings(top, per_model, count_layers(readers[0].names))
+        notes = validate(m, settings, len(models), base is not None, readers[0].names)
         out = check_disjoint(Path(out), paths)  # before the lock file is made beside it
         stack.enter_context(claim(out))
         check_output_path(out, paths, force)
         notes += preflight(readers)
         bar = Bytes(progress)
-        combine = m.build(readers, p, Context(dev, chunk, bar))
+        combine = m.build(readers, settings, Context(dev, chunk, bar, has_base=base is not None, seed=seed))
         n_base = 1 if base is not None else 0
         roles: dict[str, Any] = {m.roles[1]: paths[n_base:]}
         if base is not None:
             roles = {m.roles[0]: paths[0], **roles}
-        record = {
-            **p,
+        params_record = {
+            **{p.name: p.default for p in m.params if not p.per_model and p.default is not REQUIRED},
+            **top,
+            **({"model_parameters": [dict(p) for p in per_model]} if per_model else {}),
+            **({"seed": seed} if m.random else {}),
             f"{m.roles[1]}_as_given": [str(x) for x in models],
             **({f"{m.roles[0]}_as_given": str(base)} if base is not None else {}),
             "dtype": dtype,
             "max_shard_size": str(max_shard_size),
             "device": device,
             "revision": revision,
+            **(record or {}),
         }
         with publishing(out, paths, force) as tmp:
             files = write_pass(
-                readers, 0, tmp, combine, dtype=out_dtype, max_shard_size=shard, device=dev, chunk=chunk, progress=bar
+                readers,
+                0,
+                tmp,
+                combine,
+                dtype=out_dtype,
+                max_shard_size=shard,
+                device=dev,
+                chunk=chunk,
+                progress=bar,
+                rows=m.rows,
             )
             finish_folder(tmp, readers[0].source.folder, out_dtype)
             if readers[0].source.folder is None:
                 notes = [*notes, "the reference input is a bare .safetensors file: no config/tokenizer files copied"]
-            write_provenance(tmp, method, {**record, "shards": len(files)}, roles, notes)
+            write_provenance(tmp, method, {**params_record, "shards": len(files)}, roles, notes)
     if bar.enabled:  # dtype mixes, extrapolation…: also worth seeing now, not only in the provenance
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
@@ -115,7 +138,7 @@ def slerp(
         models,
         out,
         base=init,
-        params={"lam": lam, "lam_nonblock": lam_nonblock, "granularity": granularity},
+        params={"lambda": lam, "lambda_nonblock": lam_nonblock, "granularity": granularity},
         **common,
     )
 

@@ -12,6 +12,7 @@ first run `gram_pass`, which accumulates the Gram matrix of each group in fp64, 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,7 +28,23 @@ from mergekit_warp.merge import math as mmath
 from mergekit_warp.progress import Bytes
 
 CHUNK = 1 << 22  # elements per chunk: 16 MB of fp32 per input
-Fetch = Callable[[int], Tensor]  # input index → its chunk (flat, stored dtype) on the math device
+
+
+class Fetch:
+    """One chunk of one tensor: `fetch(i)` is elements [start, stop) of input i, flat, in its stored dtype,
+    on the math device (math on it must promote to fp32). `shape` is the whole tensor's; methods that
+    draw random numbers or work row by row use `start`, `stop` and `shape`."""
+
+    def __init__(self, readers: list[CheckpointReader], name: str, start: int, stop: int, device: torch.device):
+        self.readers, self.name, self.start, self.stop, self.device = readers, name, start, stop, device
+        self.shape = readers[0].infos[name].shape
+        self.seen: set[int] = set()
+
+    def __call__(self, i: int) -> Tensor:
+        self.seen.add(i)
+        return fetch_raw(self.readers[i], self.name, self.start, self.stop, self.device)
+
+
 Combine = Callable[[str, Fetch], Tensor]
 
 
@@ -127,9 +144,11 @@ def write_pass(
     device: torch.device,
     chunk: int = CHUNK,
     progress: Bytes | None = None,
+    rows: bool = False,
 ) -> list[str]:
     """Stream every tensor of `readers[ref]` through `combine` (float tensors) or copy it from the
-    reference (non-float tensors: int buffers are never interpolated); return the shard file names."""
+    reference (non-float tensors: int buffers are never interpolated); return the shard file names.
+    `rows`: every chunk holds whole rows (last dimension) of the tensor."""
     layout = output_layout(readers[ref], dtype)
     writer = BackgroundWriter(ShardWriter(folder, layout, max_shard_size))
     progress = progress or Bytes(False)
@@ -137,7 +156,8 @@ def write_pass(
     try:
         with progress.task("merge", total, len(layout)) as advance:
             for t in layout:
-                _stream_tensor(readers, ref, t, combine, writer, device, chunk, advance)
+                row = (t.shape[-1] if len(t.shape) > 1 else max(1, math.prod(t.shape))) if rows else 1
+                _stream_tensor(readers, ref, t, combine, writer, device, max(1, chunk // row) * row, advance)
                 advance(0, 1)
     except BaseException:
         writer.abort()
@@ -162,17 +182,12 @@ def _stream_tensor(
             writer.write(t.name, readers[ref].read(t.name, start, stop))
             advance(info.dtype.itemsize * (stop - start), 0)
             continue
-        seen: set[int] = set()
-
-        def fetch(i: int, start: int = start, stop: int = stop, seen: set[int] = seen) -> Tensor:
-            seen.add(i)
-            return fetch_raw(readers[i], t.name, start, stop, device)
-
+        fetch = Fetch(readers, t.name, start, stop, device)
         y = combine(t.name, fetch).to(t.dtype)
         # checked after the cast, so an fp16 overflow is caught too
-        check_finite(y, [readers[i] for i in sorted(seen)], t.name, device, chunk)
+        check_finite(y, [readers[i] for i in sorted(fetch.seen)], t.name, device, chunk)
         writer.write(t.name, y.cpu())
-        advance(sum(readers[i].infos[t.name].dtype.itemsize * (stop - start) for i in seen), 0)
+        advance(sum(readers[i].infos[t.name].dtype.itemsize * (stop - start) for i in fetch.seen), 0)
 
 
 def finish_folder(folder: Path, support_from: Path | None, dtype: torch.dtype | None) -> list[str]:
@@ -188,6 +203,19 @@ def finish_folder(folder: Path, support_from: Path | None, dtype: torch.dtype | 
                 data[key] = name
         cfg.write_text(json.dumps(data, indent=2) + "\n")
     return copied
+
+
+def linear_combine(weights: Callable[[str, Fetch], Tensor]) -> Combine:
+    """Σ w_m θ_m with per-tensor weights w (M,) from `weights` (a soup, a full-weight SLERP)."""
+
+    def combine(name: str, fetch: Fetch) -> Tensor:
+        w = weights(name, fetch).tolist()
+        acc = fetch(0).float().mul_(w[0])
+        for m in range(1, len(w)):
+            acc.add_(fetch(m), alpha=w[m])
+        return acc
+
+    return combine
 
 
 def affine_combine(weights: Callable[[str, Fetch], Tensor]) -> Combine:

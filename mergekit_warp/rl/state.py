@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.atomic import recover, staged, write_atomic
 from mergekit_warp.io.publish import copy_support_files, write_provenance
+from mergekit_warp.lm.models import quiet_transformers
 from mergekit_warp.rl.dist_state import copy_full_into, shard_optimizer_state
 
 STATE = "state"
@@ -46,7 +47,8 @@ def write_hf(model, src: Path, folder: Path, state_dict: dict | None = None) -> 
     `state_dict`: the weights to write instead of the model's own (gathered from FSDP shards)."""
     copy_support_files(Path(src), folder)
     kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}  # HF pops from it: copy
-    model.save_pretrained(folder, **kwargs)  # after the copy: config.json must describe the saved dtype
+    with quiet_transformers():  # no "Writing model shards" bar for every checkpoint
+        model.save_pretrained(folder, **kwargs)  # after the copy: config.json must describe the saved dtype
 
 
 def write_checkpoint(model, src: Path, folder: Path, step: int, params: dict, state_dict: dict | None = None) -> None:

@@ -122,6 +122,8 @@ def step(run: Run) -> dict[str, float]:
     # -- log-probs and KL shaping (no grad); one chunk: its forward with grad also gives log π
     run.policy.train(cfg.grad_checkpointing)  # HF checkpointing only acts in train mode
     logp_grad = _logp(run.trainer, chunks[0], tau) if len(chunks) == 1 else None
+    # (several micro-batches: a no-grad forward, not the log π recorded while sampling: that one differs
+    # by float rounding, which the shaped reward would carry into the update)
     logp = logp_grad.detach().float() if logp_grad is not None else _logprobs(run.policy, chunks, tau)  # (b,)
     logp_anchor = _logprobs(run.anchor, chunks, tau, run.autocast)  # (b,)
     logp_init = logp_anchor if run.init is run.anchor else _logprobs(run.init, chunks, tau)  # (b,) or None

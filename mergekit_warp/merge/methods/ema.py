@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+from mergekit_warp.merge.methods.base import Context, Method, Param, Settings
 
-from mergekit_warp.errors import WarpError
-from mergekit_warp.io.reader import CheckpointReader
-from mergekit_warp.merge.engine import Combine, Fetch
-from mergekit_warp.merge.methods.base import Context, Method
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from mergekit_warp.io.reader import CheckpointReader
+    from mergekit_warp.merge.engine import Combine, Fetch
+
+PARAMS = (
+    Param(
+        "mu",
+        0.01,
+        help="EMA rate μ: θ ← (1 − μ)·θ + μ·θ_t.",
+        valid=lambda v: 0 < v <= 1,
+        expect="in (0, 1] (the paper uses 0.01)",
+    ),
+)
 
 
-def check(params: dict[str, Any], n_models: int, has_base: bool) -> tuple[dict[str, Any], list[str]]:
-    if n_models < 2:
-        raise WarpError(f"ema needs at least two checkpoints in order, got {n_models}")
-    mu = float(params.get("mu", 0.01))
-    if not math.isfinite(mu) or not 0 < mu <= 1:
-        raise WarpError(f"--mu {mu}: must be in (0, 1] (the paper uses 0.01)")
-    return {"mu": mu}, []
-
-
-def build(readers: list[CheckpointReader], p: dict[str, Any], ctx: Context) -> Combine:
-    mu = p["mu"]
+def build(readers: list[CheckpointReader], s: Settings, ctx: Context) -> Combine:
+    mu = s.get(PARAMS[0])
 
     def combine(name: str, fetch: Fetch) -> Tensor:
         acc = fetch(0).float()
@@ -39,6 +40,7 @@ METHOD = Method(
     summary="θ ← (1 − μ)·θ + μ·θ_t over C1 … Cn, starting at C1",
     base="none",
     roles=("", "checkpoints"),
-    check=check,
+    params=PARAMS,
     build=build,
+    min_models=2,
 )

@@ -1,64 +1,126 @@
-"""WARP's SLERP of task vectors δ_m = θ_m − θ_init, one angle per group (transformer block by default):
-θ_init + sin((1−λ)Ω)/sin Ω·δ1 + sin(λΩ)/sin Ω·δ2; M > 2 by the paper's iterative rule (λ = 1/k)."""
+"""SLERP: spherical interpolation between two points, along the great circle through them.
+
+With a base (`--init`, WARP): the points are the task vectors δ_m = θ_m − θ_init, one angle per group
+(a transformer block by default), θ_init + sin((1−λ)Ω)/sin Ω·δ1 + sin(λΩ)/sin Ω·δ2, and M > 2 models
+by the paper's iterative rule (λ = 1/k at step k). Without a base (mergekit's `slerp`): the points are
+the full weights of two models, one angle per tensor, `t` from the first (t = 0) to the second, and
+LERP where |cos Ω| > 0.9995 (nearly colinear tensors), as mergekit does.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-from torch import Tensor
+import math
+from typing import TYPE_CHECKING
 
 from mergekit_warp.errors import WarpError
-from mergekit_warp.io.reader import CheckpointReader
-from mergekit_warp.merge import math as mmath
-from mergekit_warp.merge.engine import Combine, Fetch, affine_combine, gram_pass
-from mergekit_warp.merge.methods.base import Context, Method
-from mergekit_warp.merge.plan import Schedule, check_granularity, count_layers, group_names
+from mergekit_warp.merge.methods.base import Context, Method, Param, Settings
+from mergekit_warp.merge.plan import GRANULARITIES, Schedule, count_layers, group_names
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from mergekit_warp.io.reader import CheckpointReader
+    from mergekit_warp.merge.engine import Combine, Fetch
+
+DOT_THRESHOLD = 0.9995  # mergekit's "colinear": above it, the full-weight SLERP is a LERP
+NORM_EPS = 1e-8  # mergekit normalises a tensor only when its norm exceeds this
+
+PARAMS = (
+    Param("lambda", 0.5, raw=True, help="With --init (WARP): interpolation λ, or a per-layer list (two models only)."),
+    Param(
+        "lambda_nonblock",
+        None,
+        raw=True,
+        help="With --init: λ for embeddings, final norm and head (default: the list's mean).",
+    ),
+    Param(
+        "granularity",
+        "block",
+        kind=str,
+        choices=GRANULARITIES,
+        help="With --init: one angle per block, tensor or model.",
+    ),
+    Param(
+        "t",
+        0.5,
+        help="Without --init: 0 gives the first model, 1 the second.",
+        valid=lambda v: 0 <= v <= 1,
+        expect="in [0, 1]",
+    ),
+)
 
 
-def check(params: dict[str, Any], n_models: int, has_base: bool) -> tuple[dict[str, Any], list[str]]:
+def check(s: Settings, n_models: int, has_base: bool) -> list[str]:
+    if not has_base:
+        if n_models != 2:
+            raise WarpError(f"slerp of full weights (no --init) takes exactly two models, got {n_models}")
+        return []
     if n_models < 2:
         raise WarpError(f"slerp needs at least two models, got {n_models}; pass two or more checkpoints")
-    sched = Schedule.build("--lambda", params.get("lam", 0.5), params.get("lam_nonblock"))
-    granularity = check_granularity(params.get("granularity", "block"))
-    notes = []
+    Schedule.build("--lambda", s.top.get("lambda", 0.5), s.top.get("lambda_nonblock"))
     if n_models > 2:
-        notes.append(
-            f"{n_models} models: iterative SLERP with λ = 1/k at step k (input order matters); --lambda unused"
-        )
-    return {"lambda": sched.record(), "lambda_nonblock": sched.nonblock, "granularity": granularity}, notes
+        return [f"{n_models} models: iterative SLERP with λ = 1/k at step k (input order matters); --lambda unused"]
+    return []
 
 
-def build(readers: list[CheckpointReader], p: dict[str, Any], ctx: Context) -> Combine:
-    sched = Schedule.build("--lambda", p["lambda"], p["lambda_nonblock"])
+def build(readers: list[CheckpointReader], s: Settings, ctx: Context) -> Combine:
+    import torch
+
+    from mergekit_warp.merge import math as mmath
+    from mergekit_warp.merge.engine import affine_combine, gram_pass, linear_combine
+
     names = readers[0].names
-    n_layers, groups = count_layers(names), group_names(names, p["granularity"])
+    warp = ctx.has_base
+    groups = group_names(names, s.top.get("granularity", "block") if warp else "tensor")
     owner = {n: g for g, ns in groups.items() for n in ns}
     # Groups larger than one chunk need a first pass for their angle; a single small tensor is read
     # whole in the write pass, so its angle comes from that one read.
     big = {g: ns for g, ns in groups.items() if len(ns) > 1 or readers[0].infos[ns[0]].numel > ctx.chunk}
+    kind = "delta" if warp else "full"
     grams = {
-        g: v["delta"]
-        for g, v in gram_pass(readers, big, device=ctx.device, chunk=ctx.chunk, progress=ctx.progress).items()
+        g: v[kind]
+        for g, v in gram_pass(
+            readers, big, device=ctx.device, chunk=ctx.chunk, progress=ctx.progress, full=not warp
+        ).items()
     }
-    two = len(readers) == 3
 
-    def weights(name: str, fetch: Fetch) -> Tensor:
+    def gram(name: str, fetch: Fetch) -> Tensor:
         g = grams.get(owner[name])
         if g is None:
             x = torch.stack([fetch(i).double() for i in range(len(readers))])  # (k, n), n <= chunk
-            d = x[1:] - x[0]
-            g = (d @ d.T).cpu()
-        return mmath.slerp_weights(g, sched.at(name, n_layers) if two else None)
+            x = x[1:] - x[0] if warp else x
+            g = (x @ x.T).cpu()
+        return g
 
-    return affine_combine(weights)
+    if not warp:
+        return linear_combine(lambda name, fetch: full_weights(gram(name, fetch), s.get(PARAMS[3], name)))
+    sched = Schedule.build("--lambda", s.top.get("lambda", 0.5), s.top.get("lambda_nonblock"))
+    n_layers, two = count_layers(names), len(readers) == 3
+    return affine_combine(
+        lambda name, fetch: mmath.slerp_weights(gram(name, fetch), sched.at(name, n_layers) if two else None)
+    )
+
+
+def full_weights(g: Tensor, t: float) -> Tensor:
+    """(w0, w1) of mergekit's two-model SLERP w0·θ0 + w1·θ1 from the Gram matrix of the two tensors."""
+    import torch
+
+    n0, n1 = (math.sqrt(max(float(g[i, i]), 0.0)) for i in (0, 1))
+    dot = float(g[0, 1]) / ((n0 if n0 > NORM_EPS else 1.0) * (n1 if n1 > NORM_EPS else 1.0))
+    if abs(dot) > DOT_THRESHOLD:
+        return torch.tensor([1.0 - t, t], dtype=torch.float64)
+    omega = math.acos(max(-1.0, min(1.0, dot)))
+    return torch.tensor([math.sin((1 - t) * omega), math.sin(t * omega)], dtype=torch.float64) / math.sin(omega)
 
 
 METHOD = Method(
     name="slerp",
-    summary="θ_init + Σ c_m·δ_m, c from the angle Ω between task vectors: sin((1−λ)Ω)/sin Ω, sin(λΩ)/sin Ω",
-    base="required",
+    summary="with --init: θ_init + sin((1−λ)Ω)/sin Ω·δ1 + sin(λΩ)/sin Ω·δ2 (WARP); without: the same on full weights, t",
+    base="optional",
     roles=("init", "models"),
-    check=check,
+    params=PARAMS,
     build=build,
+    check=check,
+    min_models=2,
+    mergekit="slerp",
 )
