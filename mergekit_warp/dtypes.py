@@ -54,6 +54,11 @@ def parse_dtype(text: str | torch.dtype, option: str = "--dtype") -> torch.dtype
     return FLOATS[short_name(text, option)][0]
 
 
+def short_of(dtype: torch.dtype) -> str | None:
+    """'bf16' for torch.bfloat16 …; None for a dtype users do not choose (fp64, ints)."""
+    return next((short for short, (dt, _) in FLOATS.items() if dt == dtype), None)
+
+
 def hf_name(dtype: torch.dtype) -> str:
     """The name HF configs use for a float dtype ('bfloat16')."""
     return next(hf for dt, hf in FLOATS.values() if dt == dtype)

@@ -162,6 +162,44 @@ def ema_cmd(
         )
 
 
+@merge_app.command("yaml")
+def yaml_cmd(
+    config: Path = typer.Argument(
+        ...,
+        help="A mergekit configuration: merge_method, base_model, models (with "
+        "parameters), parameters, dtype/out_dtype, tokenizer_source: base.",
+    ),
+    out: Path = OUT,
+    dtype: Optional[str] = typer.Option(
+        None,
+        "--dtype",
+        help="Output dtype (default: the config's out_dtype/dtype, else as the reference input stores it).",
+    ),
+    max_shard_size: str = SHARD,
+    device: str = DEVICE,
+    force: bool = FORCE,
+    revision: Optional[str] = REVISION,
+    quiet: bool = QUIET,
+) -> None:
+    """Run the merge a mergekit YAML describes, on warp's streaming engine (the `merge_config.yml` that warp
+    writes beside its merges reproduces them bit for bit)."""
+    from mergekit_warp.merge import api
+
+    with user_errors():
+        print(
+            api.merge_yaml(
+                config,
+                out,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                device=device,
+                force=force,
+                revision=revision,
+                progress=not quiet,
+            )
+        )
+
+
 def liti_cmd(
     merged: Path = typer.Argument(..., help="The merged (e.g. SLERP) checkpoint."),
     init: Path = typer.Option(..., "--init", help="The LITI target: the iteration's init, or θ_sft."),

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from mergekit_warp.devices import resolve_device
-from mergekit_warp.dtypes import parse_dtype
+from mergekit_warp.dtypes import parse_dtype, short_name, short_of
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.atomic import claim
 from mergekit_warp.io.preflight import preflight
@@ -23,6 +23,7 @@ from mergekit_warp.io.publish import check_disjoint, check_output_path, publishi
 from mergekit_warp.io.reader import CheckpointReader
 from mergekit_warp.io.source import resolve_source
 from mergekit_warp.io.writer import parse_size
+from mergekit_warp.merge import config_yaml
 from mergekit_warp.merge.engine import CHUNK, finish_folder, gram_pass, write_pass
 from mergekit_warp.merge.methods import REGISTRY
 from mergekit_warp.merge.methods.base import REQUIRED, Context, Settings, validate
@@ -111,11 +112,44 @@ def merge(
             finish_folder(tmp, readers[0].source.folder, out_dtype)
             if readers[0].source.folder is None:
                 notes = [*notes, "the reference input is a bare .safetensors file: no config/tokenizer files copied"]
+            if m.mergekit and not (method == "slerp" and base is not None):  # WARP's slerp is not mergekit's
+                stored = {i.dtype for i in readers[0].infos.values() if i.is_float}
+                out_name = short_name(dtype) if dtype else (short_of(stored.pop()) if len(stored) == 1 else None)
+                given = [str(x) for x in models]
+                config_yaml.write(
+                    tmp,
+                    m.mergekit,
+                    given,
+                    None if base is None else str(base),
+                    top,
+                    [dict(p) for p in per_model],
+                    out_name,
+                    seed if m.random else None,
+                )
+                params_record["mergekit_config"] = config_yaml.FILE
             write_provenance(tmp, method, {**params_record, "shards": len(files)}, roles, notes)
     if bar.enabled:  # dtype mixes, extrapolation…: also worth seeing now, not only in the provenance
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     return out
+
+
+def merge_yaml(config: PathLike, out: PathLike, **common: Any) -> Path:
+    """The merge a mergekit YAML describes (see merge/config_yaml.py), into `out`."""
+    plan = config_yaml.read(Path(config))
+    if "dtype" in common and common["dtype"] is None:
+        common["dtype"] = plan.dtype
+    return merge(
+        plan.method,
+        plan.models,
+        out,
+        base=plan.base,
+        params=plan.params,
+        model_params=plan.model_params,
+        seed=plan.seed,
+        record={"mergekit_yaml_as_given": str(config)},
+        **common,
+    )
 
 
 # The named entry points of the library (and of `warp merge …`): one line each over `merge`.

@@ -77,12 +77,12 @@ class Settings:
 
 
 def depth(tensor: str, n_layers: int) -> float:
-    """Where a tensor sits for gradients, as mergekit places it: block i of n at i/(n−1) (1 for a single
-    block), embeddings before the blocks at 0, everything after them (final norm, head) at 1."""
+    """Where a tensor sits for gradients, as mergekit 0.1.5 places it: block i of n at i/(n−1) (1 for a
+    single block); tensors outside the blocks (embeddings, final norm, head) at 0."""
     i = layer_index(tensor)
-    if i is not None:
-        return i / (n_layers - 1) if n_layers > 1 else 1.0
-    return 0.0 if any(k in tensor for k in ("embed", "wte", "wpe")) else 1.0
+    if i is None:
+        return 0.0
+    return i / (n_layers - 1) if n_layers > 1 else 1.0
 
 
 def evaluate(setting: Any, tensor: str, t: float) -> Any:
