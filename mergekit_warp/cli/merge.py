@@ -293,6 +293,13 @@ def _typed_list(p, text: str) -> list:
     return [_typed(p, v.strip()) for v in text.split(",")]
 
 
+def _ident(name: str) -> str:
+    """A parameter's name as a Python identifier (mergekit's `lambda` is a keyword)."""
+    import keyword
+
+    return name + "_" if keyword.iskeyword(name) else name
+
+
 def method_command(m):
     """`warp merge NAME MODELS… [--base BASE] [--PARAM V] -o OUT`, built from a registered method's parameters:
     a per-model parameter takes one value or one per model (comma-separated); another takes a value, or
@@ -309,9 +316,9 @@ def method_command(m):
             top: dict = {}
             per_model: list[dict] = [{} for _ in range(n)]
             for p in m.params:
-                if o[p.name] is None:
+                if o[_ident(p.name)] is None:
                     continue
-                values = _typed_list(p, o[p.name])
+                values = _typed_list(p, o[_ident(p.name)])
                 if p.per_model:
                     if len(values) not in (1, n):
                         raise WarpError(
@@ -366,12 +373,9 @@ def method_command(m):
     for p in m.params:
         default = "required" if p.default is REQUIRED else f"default {p.default}"
         scope = "one value or one per model" if p.per_model else "a value"
+        flags = ["--" + p.name.replace("_", "-")] + (["--weights"] if p.name == "weight" else [])
         params.append(
-            param(
-                p.name,
-                Optional[str],
-                typer.Option(None, "--" + p.name.replace("_", "-"), help=f"{p.help} ({scope}; {default})"),
-            )
+            param(_ident(p.name), Optional[str], typer.Option(None, *flags, help=f"{p.help} ({scope}; {default})"))
         )
     if m.random:
         params.append(

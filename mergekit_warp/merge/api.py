@@ -125,6 +125,7 @@ def merge(
                     [dict(p) for p in per_model],
                     out_name,
                     seed if m.random else None,
+                    tuple(p.name for p in m.params if not p.mergekit and settings.given(p.name)),
                 )
                 params_record["mergekit_config"] = config_yaml.FILE
             write_provenance(tmp, method, {**params_record, "shards": len(files)}, roles, notes)

@@ -183,8 +183,10 @@ def write(
     model_params: list[dict[str, Any]],
     dtype: str | None,
     seed: int | None,
+    warp_only: tuple[str, ...] = (),
 ) -> Path:
-    """`merge_config.yml` in `folder`: the merge in mergekit's format (absolute local paths)."""
+    """`merge_config.yml` in `folder`: the merge in mergekit's format (absolute local paths). `warp_only`:
+    given parameters mergekit does not know (a comment says mergekit would ignore them)."""
 
     def spec(s: str) -> str:
         return str(Path(s).resolve()) if Path(s).exists() else s
@@ -208,8 +210,10 @@ def write(
     if seed is not None:
         doc["warp_seed"] = seed
     out = Path(folder) / FILE
-    out.write_text(
-        "# Written by mergekit-warp: `warp merge yaml " + FILE + " -o OUT` (or mergekit-yaml) redoes "
-        "this merge\n" + yaml.safe_dump(doc, sort_keys=False)
-    )
+    head = ["# Written by mergekit-warp: `warp merge yaml " + FILE + " -o OUT` redoes this merge bit for bit"]
+    if warp_only:
+        head.append(f"# mergekit-yaml would ignore {', '.join(warp_only)} (warp's own) and merge differently")
+    if seed is not None:
+        head.append("# mergekit-yaml draws its own random drops: the same distribution, other bytes")
+    out.write_text("\n".join(head) + "\n" + yaml.safe_dump(doc, sort_keys=False))
     return out

@@ -46,6 +46,8 @@ class Param:
     choices: tuple[str, ...] = ()
     raw: bool = False
     """Taken as given (a list stays a list): for parameters with their own per-layer rules."""
+    mergekit: bool = True
+    """mergekit knows this parameter (False: warp's own; mergekit would ignore it)."""
 
 
 @dataclass(frozen=True)
@@ -202,10 +204,12 @@ def uniform(
     import torch
 
     key = int.from_bytes(hashlib.sha256(f"{seed}\0{tensor}\0{model}".encode()).digest()[:7], "little")
-    x = torch.arange(start, stop, dtype=torch.int64, device=device) + key
-    # splitmix64's finaliser on int64 (wrapping arithmetic; logical shifts by masking)
-    x = x * -7046029254386353131  # 0x9E3779B97F4A7C15
-    x = (x ^ ((x >> 30) & 0x3FFFFFFFF)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
-    x = (x ^ ((x >> 27) & 0x1FFFFFFFFF)) * -7723592293110705685  # 0x94D049BB133111EB
-    x = x ^ ((x >> 31) & 0x1FFFFFFFF)
-    return ((x >> 40) & 0xFFFFFF).to(torch.float32) / float(1 << 24)
+    x = torch.arange(start, stop, dtype=torch.int64, device=device).add_(key)
+    # splitmix64's finaliser on int64 (wrapping arithmetic; logical shifts by masking), in place
+    x.mul_(-7046029254386353131)  # 0x9E3779B97F4A7C15
+    x.bitwise_xor_(x.bitwise_right_shift(30).bitwise_and_(0x3FFFFFFFF)).mul_(-4658895280553007687)  # 0xBF58476D1CE4E5B9
+    x.bitwise_xor_(x.bitwise_right_shift(27).bitwise_and_(0x1FFFFFFFFF)).mul_(
+        -7723592293110705685
+    )  # 0x94D049BB133111EB
+    x.bitwise_xor_(x.bitwise_right_shift(31).bitwise_and_(0x1FFFFFFFF))
+    return x.bitwise_right_shift_(40).bitwise_and_(0xFFFFFF).to(torch.float32).div_(float(1 << 24))
