@@ -1,17 +1,21 @@
-"""How close is `warp merge slerp` to the I/O floor, and how much memory does it hold?
+"""How close are `warp merge` methods to the I/O floor, and how much memory do they hold?
 
 For two model sizes (SIZE/2 and SIZE, default 1.5 GB of bf16 weights each, Llama-like layout, sharded
-at 500 MB) it builds an init and two perturbed copies, then measures:
-  (a) the I/O floor: read every input tensor with plain `safetensors.torch.load_file` and write one
-      output of the same size with `save_file`;
-  (b) `warp merge slerp A B --init INIT` (block angles), as a subprocess, wall time;
-  (c) the peak RSS of (b), sampled with psutil.
-It prints (b)/(a) and (c). Targets: ratio ≤ 1.25, peak RSS ≤ 1 GB and flat in model size.
-Every file is in the page cache for both (a) and (b) (they were just written): this compares the
+at 500 MB) it builds an init and two perturbed copies (3 checkpoints), then measures:
+  (a) the I/O floor: read every input tensor with plain `safetensors.torch.load` and write one output
+      of the same size with `save_file`;
+  (b) each method as a `warp merge` subprocess, wall time: WARP's `slerp A B --init INIT` (block
+      angles), and `ties`, `dare_ties`, `model_stock`, `multislerp` on the same base and models;
+  (c) the peak RSS of (b), sampled with psutil;
+  (d) with `--mergekit PATH/mergekit-yaml`: mergekit on the YAML warp wrote beside each output
+      (`merge_config.yml`), same inputs: wall time and peak RSS.
+It prints (b)/(a) and (c) (and (d)/(b)). Targets: ≤ 1.25× the floor for methods without a statistics
+pass (slerp's block angles are one), ≤ 1.5× for those with one, peak RSS ≤ 1 GB and flat in model size.
+Every file is in the page cache for (a), (b) and (d) (they were just written): this compares the
 engine's overhead with the cheapest possible read-and-write of the same bytes, not disk speed.
 
-    python benchmarks/merge_bench.py                  # 0.75 GB and 1.5 GB (needs ~10 GB of disk)
-    python benchmarks/merge_bench.py --size 200MB     # a quick run
+    python benchmarks/merge_bench.py                  # 0.75 GB and 1.5 GB (needs ~20 GB of disk)
+    python benchmarks/merge_bench.py --size 200MB --methods slerp,ties     # a quick run
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ from mergekit_warp.io.source import resolve_source
 from mergekit_warp.io.writer import OutTensor, ShardWriter, parse_size
 
 HIDDEN, INTER, VOCAB = 2048, 5632, 32000
+# method → how it takes the init; the extra options it is timed with (mergekit's usual settings)
+METHODS = {"slerp": "--init", "ties": "--base", "dare_ties": "--base", "model_stock": "--base", "multislerp": "--base"}
+EXTRA = {
+    "ties": ["--weight", "1", "--density", "0.5"],
+    "dare_ties": ["--weight", "1", "--density", "0.5"],
+    "multislerp": ["--weight", "1"],
+}
 
 
 def layout(size: int) -> list[OutTensor]:
@@ -119,7 +130,10 @@ def main() -> None:
     ap.add_argument("--size", default="1.5GB", help="the larger model size; the smaller is half (default 1.5GB)")
     ap.add_argument("--workdir", default=None, help="where to build checkpoints (default: a temp folder)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    ap.add_argument("--mergekit", default=None, help="path of mergekit-yaml, to time mergekit on the same configs")
     args = ap.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
     big = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="warp-bench-", dir=args.workdir))
     warp = [sys.executable, "-m", "mergekit_warp"]
@@ -135,22 +149,43 @@ def main() -> None:
             init = build(d / "init", tensors, 0, None)
             a, b = build(d / "a", tensors, 1, init), build(d / "b", tensors, 2, init)
             floor = io_floor([init, a, b], d / "floor")
-            merge, rss = run_child(
-                [*warp, "merge", "slerp", str(a), str(b), "--init", str(init), "-o", str(d / "m"), "-q"]
-            )
-            rows.append((nbytes, floor, merge, rss))
+            for method in methods:
+                out = d / method
+                seconds, rss = run_child(
+                    [
+                        *warp,
+                        "merge",
+                        method,
+                        str(a),
+                        str(b),
+                        METHODS[method],
+                        str(init),
+                        "-o",
+                        str(out),
+                        "-q",
+                        *EXTRA.get(method, []),
+                    ]
+                )
+                mk = None
+                if args.mergekit and (out / "merge_config.yml").is_file():
+                    mk = run_child([args.mergekit, str(out / "merge_config.yml"), str(d / f"mk-{method}")])
+                    shutil.rmtree(d / f"mk-{method}")
+                rows.append((nbytes, method, floor, seconds, rss, mk))
+                shutil.rmtree(out)
             shutil.rmtree(d)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"interpreter + import start-up of `warp` (included in (b)): {startup:.2f} s")
     print(
-        f"{'model size':>10} {'(a) I/O floor':>14} {'(b) warp slerp':>15} {'(b)/(a)':>8} {'(b)-startup / (a)':>18} {'(c) peak RSS':>13}"
+        f"{'model size':>10} {'method':>12} {'(a) I/O floor':>14} {'(b) warp':>10} {'(b)/(a)':>8} "
+        f"{'(b)-startup / (a)':>18} {'(c) peak RSS':>13} {'(d) mergekit':>13} {'(d)/(b)':>8} {'its RSS':>9}"
     )
-    for nbytes, floor, merge, rss in rows:
+    for nbytes, method, floor, merge, rss, mk in rows:
+        theirs = f"{mk[0]:>11.2f} s {mk[0] / merge:>8.2f} {mk[1] / 2**20:>5.0f} MiB" if mk else ""
         print(
-            f"{nbytes / 1e9:>8.2f}GB {floor:>12.2f} s {merge:>13.2f} s {merge / floor:>8.2f} "
-            f"{(merge - startup) / floor:>18.2f} {rss / 2**20:>10.0f} MiB"
+            f"{nbytes / 1e9:>8.2f}GB {method:>12} {floor:>12.2f} s {merge:>8.2f} s {merge / floor:>8.2f} "
+            f"{(merge - startup) / floor:>18.2f} {rss / 2**20:>9.0f} MiB {theirs}"
         )
 
 

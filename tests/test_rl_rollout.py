@@ -1,5 +1,7 @@
 """Sampling and sequence log-probs on a tiny random Llama: padding invariance, masks, seeding."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -58,24 +60,22 @@ def test_seeded_sampling_is_reproducible(policy):
 
 
 class EosAfter(torch.nn.Module):
-    """Wraps a model so that row i emits EOS at its `after[i]`-th generated token (None: never)."""
+    """Wraps a model so that row i emits EOS at its `after[i]`-th generated token (None: never). Its
+    forward takes the wrapped model's keywords (the KV cache is `cache` or `past_key_values`, by
+    transformers version), so the sampler talks to it as to the model."""
 
     def __init__(self, model, eos, after):
         super().__init__()
         self.m, self.eos, self.after, self.t = model, eos, after, 0
         self.generation_config = model.generation_config
 
-    def forward(
-        self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0
-    ):
-        out = self.m(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-        )
+        def forward(**kw):
+            return self.steered(self.m(**kw))
+
+        forward.__signature__ = inspect.signature(model.forward)
+        self.forward = forward
+
+    def steered(self, out):
         self.t += 1  # 1 = logits for the first generated token
         for i, a in enumerate(self.after):
             if a == self.t:

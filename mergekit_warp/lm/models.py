@@ -132,11 +132,13 @@ def load_tokenizer(spec: str | Path, padding_side: str | None = "left"):
     try:
         with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as e:  # (older transformers: ImportError)
         raise WarpError(
             f"tokenizer of {spec}: cannot be loaded ({_first_line(e)}); the folder needs the "
             "tokenizer files of its model"
         ) from None
+    if not tok.get_vocab():  # some transformers releases load an empty tokenizer from a folder without one
+        raise WarpError(f"tokenizer of {spec}: the folder holds no tokenizer files; copy those of its model into it")
     if tok.pad_token is None:
         # Any existing token will do: padded positions are masked out everywhere (attention and loss),
         # and the generated EOS is located by the sampling loop, never by comparing with pad ids.

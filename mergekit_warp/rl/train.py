@@ -50,7 +50,7 @@ METHOD = "warp-rl"
 
 def seed_of(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (seed, step, rank, chunk)."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]) >> 1
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
