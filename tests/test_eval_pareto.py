@@ -41,7 +41,8 @@ def test_pipeline_wrote_pareto_files(reference_run):
     assert set(head) >= {"sft_reward", "merged_above_init", "front_2_vs_1"}
     assert "SLERP merge above the init" in (out / "summary.txt").read_text()
     sft = next(r for r in rows if r["kind"] == "sft")
-    assert float(sft["kl"]) == 0.0 and int(sft["n"]) == 16
+    # θ_sft against itself: 0 up to the rounding between the sampled log-probs and a forward of θ_sft
+    assert abs(float(sft["kl"])) < 1e-5 and int(sft["n"]) == 16
 
 
 def test_sweep_endpoints(reference_run):
@@ -120,7 +121,7 @@ def test_eval_cli_default_command(tmp_path, reference_run):
     assert r.exit_code == 0, r.output
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [Path(x["path"]).name for x in rows] == ["sft", "final"]
-    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] != 0.0 and rows[0]["n"] == 16
+    assert abs(rows[0]["kl"]) < 1e-5 and abs(rows[1]["kl"]) > 1e-3 and rows[0]["n"] == 16
     with open(tmp_path / "scores.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     r = runner.invoke(

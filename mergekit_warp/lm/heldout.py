@@ -61,10 +61,10 @@ def sample_and_score(
             share_prefix=share_prefix,
             all_done=all_done,
         )
-        args = (ro.input_ids, ro.attention_mask, ro.completion_mask)
-        lp = sequence_logprobs(policy, *args, temperature=temperature)  # (b,)
-        lp_ref = sequence_logprobs(ref, *args, temperature=temperature)  # (b,)
-        kls.append((lp - lp_ref).double().cpu())
+        # log π was recorded while sampling: the sum a forward of the policy computes, up to float rounding
+        # (tests/test_rl_rollout.py), so only the reference needs a forward.
+        lp_ref = sequence_logprobs(ref, ro.input_ids, ro.attention_mask, ro.completion_mask, temperature=temperature)
+        kls.append((ro.logprobs - lp_ref.float()).double().cpu())
         rewards.append(torch.tensor(reward_fn(ro.prompts, ro.completions), dtype=torch.float64))
         lengths.append(ro.completion_mask.sum(1).double().cpu())
     return Samples(torch.cat(rewards), torch.cat(kls), torch.cat(lengths))
