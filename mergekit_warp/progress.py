@@ -63,11 +63,14 @@ class Bytes:
 
 
 class Steps:
-    """A bar of `total` steps (starting at `start`) with a line of statistics."""
+    """Progress over `total` steps (starting at `start`) with a line of statistics: a live bar on a
+    terminal; a plain line now and then (the first step, every tenth of the run or minute, the last)
+    when stderr is a file, so a log shows the run moving."""
 
     def __init__(self, label: str, enabled: bool, total: int, start: int = 0):
-        self.bar = None
-        if enabled:
+        self.label, self.total, self.start, self.enabled = label, total, start, enabled
+        self.bar, self.t0, self.last = None, time.time(), 0.0
+        if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
@@ -84,10 +87,38 @@ class Steps:
     def update(self, done: int, stats: str) -> None:
         if self.bar:
             self.bar.update(self.task, completed=done, stats=stats)
+            return
+        now = time.time()
+        every = max(1, (self.total - self.start) // 10)
+        if self.enabled and (
+            done == self.start + 1 or done == self.total or (done - self.start) % every == 0 or now - self.last > 60
+        ):
+            self.last = now
+            rate = (now - self.t0) / max(1, done - self.start)
+            print(
+                f"[{self.label}] step {done}/{self.total}  {stats}  ({duration(rate * (self.total - done))} left)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def note(self, msg: str) -> None:
+        """A line of text beside the progress (through the live bar's console, which keeps it intact)."""
+        if self.bar:
+            self.bar.console.print(msg)
+        elif self.enabled:
+            print(msg, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar:
             self.bar.stop()
+
+
+def duration(seconds: float) -> str:
+    """'2 h 05 min', '3 min 20 s', '45 s'."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
 
 
 class Log:

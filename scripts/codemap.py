@@ -45,7 +45,7 @@ def main() -> None:
     for pkg, n in sorted(lines.items(), key=lambda kv: -kv[1]):
         print(f"  {pkg:<10} {n:6d}")
     print(f"  {'total':<10} {sum(lines.values()):6d}")
-    print(f"\nlongest functions (lines)")
+    print("\nlongest functions (lines)")
     for n, name in sorted(funcs, reverse=True)[: args.top]:
         print(f"  {n:4d}  {name}")
     print("\nimport arrows between packages (importer → imported: importing modules)")

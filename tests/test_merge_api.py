@@ -238,7 +238,13 @@ def test_inspect_matches_dense(tiny_init, tiny_runs):
     base = load_state(tiny_init)
     states = [load_state(p) for p in tiny_runs[:2]]
     by_group = {r["group"]: r for r in rows}
-    assert set(by_group) == {block_of(k) for k in base}
+    assert set(by_group) == {block_of(k) for k in base} | {"(whole model)"}
+    assert rows[-1]["group"] == "(whole model)" and rows[-1]["tensors"] == len(base)
+    everything = [torch.cat([(s[k].double() - base[k].double()).flatten() for k in base]) for s in states]
+    whole = float(everything[0] @ everything[1] / (everything[0].norm() * everything[1].norm()))
+    assert rows[-1]["task_cos"][0][1] == pytest.approx(whole, abs=1e-6)
+    layers = [r["layer"] for r in rows if r["layer"] is not None]
+    assert layers == sorted(layers) and "embed" in rows[0]["group"]  # embeddings, blocks in order, the rest
     r = by_group["model.layers.1"]
     names = [k for k in base if k.startswith("model.layers.1.")]
     d = [torch.cat([(s[k].double() - base[k].double()).flatten() for k in names]) for s in states]

@@ -214,3 +214,22 @@ def test_inspect_zero_task_vector_gives_strict_json(tiny_init, tiny_runs):
     rows = json.loads(r.stdout, parse_constant=refuse)
     assert all(row["task_norms"][0] == 0.0 and row["task_cos"][0][1] is None for row in rows)
     assert all(row["omega_deg"][1][1] is not None for row in rows)
+
+
+def test_help_version_and_bare_command():
+    """`-h` is `--help` everywhere, `--version` prints it, and `warp` alone shows the help without an empty
+    error line."""
+    import subprocess
+    import sys
+
+    from mergekit_warp import __version__
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "mergekit_warp", *args], capture_output=True, text=True)
+
+    v = run("--version")
+    assert v.returncode == 0 and v.stdout.strip() == f"warp {__version__}"
+    h = run("merge", "slerp", "-h")
+    assert h.returncode == 0 and "--granularity" in h.stdout
+    bare = run()
+    assert "Commands" in bare.stdout + bare.stderr and "error" not in bare.stderr

@@ -14,7 +14,27 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mergekit_warp import __version__
+
+        print(f"warp {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print warp's version and exit.", is_eager=True, callback=_version
+    ),
+) -> None:
+    pass
+
+
 merge_cli.register(app)
 rl_cli.register(app)
 pipeline_cli.register(app)
@@ -41,9 +61,10 @@ def main() -> None:
     except Exception as e:
         if not hasattr(e, "format_message"):  # not click's (typer's) own usage/parameter error
             raise
-        ctx = getattr(e, "ctx", None)
+        ctx, msg = getattr(e, "ctx", None), " ".join(e.format_message().split())
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        print(f"error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+        if msg:  # click's "no arguments: here is the help" has printed the help and carries no message
+            print(f"error: {msg}{hint}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -262,7 +262,12 @@ def _table(rows: list[dict], m: int) -> None:
     from rich.table import Table
 
     pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
-    t = Table(title="task vectors δ_m = θ_m − θ_init per group")
+    t = Table(
+        title="task vectors δ_m = θ_m − θ_init per group",
+        caption="‖δ‖: how far each model moved; cos and Ω: the angle between two moves (WARP: ≈ 0 and ≈ 90°); "
+        "max 1 − cos θ: the largest 1 − cosine between the full weights of any two checkpoints, init included "
+        "(≈ 0: the weights barely turned)",
+    )
     t.add_column("group", overflow="fold")
     t.add_column("params", justify="right")
     for i in range(m):
@@ -270,7 +275,7 @@ def _table(rows: list[dict], m: int) -> None:
     for i, j in pairs:
         t.add_column(f"cos δ{i + 1},δ{j + 1}", justify="right")
         t.add_column(f"Ω{i + 1}{j + 1}°", justify="right")
-    t.add_column("min cos θ", justify="right")
+    t.add_column("max 1 − cos θ", justify="right")
 
     def fmt(x: float | None, spec: str) -> str:
         return "—" if x is None else format(x, spec)
@@ -281,7 +286,7 @@ def _table(rows: list[dict], m: int) -> None:
         for i, j in pairs:
             cells += [fmt(r["task_cos"][i][j], ".3f"), fmt(r["omega_deg"][i][j], ".1f")]
         wcos = [c for c in wcos if c is not None]
-        cells.append(fmt(min(wcos), ".5f") if wcos else "")
+        cells.append(fmt(1 - min(wcos), ".2e") if wcos else "")
         t.add_row(*cells)
     Console().print(t)
 

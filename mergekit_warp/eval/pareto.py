@@ -274,11 +274,15 @@ def plot(points: list[Point], path: Path, title: str = "WARP Pareto front") -> P
     )
     for i in sorted({p.iteration for p in points if p.iteration > 0}):
         c = colors[(i - 1) % len(colors)]
-        kl, rw = front(points, i)
-        etas = sorted((p.score.kl, p.eta) for p in points if p.iteration == i and p.kind == "liti")
-        ax.plot(kl, rw, "-o", color=c, ms=4, label=f"iteration {i}: LITI η sweep")
-        for (k, e), r in zip(etas, rw):
-            ax.annotate(f"{e:g}", (k, r), textcoords="offset points", xytext=(3, 3), fontsize=7, color=c)
+        liti = sorted(
+            (p.score.kl, p.score.reward, p.score.reward_se, p.eta)
+            for p in points
+            if p.iteration == i and p.kind == "liti"
+        )
+        kl, rw, se = ([x[j] for x in liti] for j in range(3))
+        ax.errorbar(kl, rw, yerr=se, fmt="-o", color=c, ms=4, label=f"iteration {i}: LITI η sweep (η labelled)", **bars)
+        for k, r, _, e in liti:  # η below-right of its point, clear of the marker and its error bar
+            ax.annotate(f"η={e:g}", (k, r), textcoords="offset points", xytext=(5, -9), fontsize=6, color=c)
         for p in points:
             if p.iteration != i:
                 continue
@@ -289,8 +293,8 @@ def plot(points: list[Point], path: Path, title: str = "WARP Pareto front") -> P
                 ax.plot([s.kl], [s.reward], "*", color=c, ms=14, mec="black")
             elif p.kind == "final":
                 ax.plot([s.kl], [s.reward], "D", color=c, ms=7, mec="black", label="final/")
-    ax.plot([], [], "x", color="gray", ms=8, mew=2, label="RL runs")
-    ax.plot([], [], "*", color="gray", ms=12, mec="black", label="SLERP merge")
+    ax.plot([], [], "x", color="gray", ms=8, mew=2, label="RL runs (colour of their iteration)")
+    ax.plot([], [], "*", color="gray", ms=12, mec="black", label="SLERP merge (colour of its iteration)")
     ax.set_xlabel("KL(π ‖ π_sft)  [nats, summed over completion tokens]")
     ax.set_ylabel("mean reward, held-out prompts (± 1 s.e.)")
     ax.set_title(title, fontsize=10)

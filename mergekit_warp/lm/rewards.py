@@ -144,8 +144,23 @@ def load_reward(spec: str, device: str = "cpu", length_penalty: float = 0.0, tok
     elif Path(spec).is_file() and spec.endswith(".py"):
         raise WarpError(f"reward {spec}: name the function in the file: {spec}:FUNCTION")
     else:
+        _exists(spec)
         fn = reward_model(spec, device, prepare=prepare)
     return validated(fn, spec, length_penalty, tokenizer)
+
+
+def _exists(spec: str) -> None:
+    """A reward model spec that names nothing: say so at once, with the builtin name it resembles."""
+    import difflib
+
+    if Path(spec).exists() or "/" in spec:
+        return  # a folder, or a hub id (resolved, offline-aware, by the model loader)
+    close = difflib.get_close_matches(spec, list(BUILTIN), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise WarpError(
+        f"reward {spec}: not a builtin reward ({', '.join(BUILTIN)}), not module:function or "
+        f"file.py:function, and no such reward model folder; {hint}check the spelling"
+    )
 
 
 def check_reward(spec: str) -> None:
@@ -162,6 +177,7 @@ def check_reward(spec: str) -> None:
     else:
         from mergekit_warp.lm.models import model_folder
 
+        _exists(spec)
         model_folder(spec, "reward model")
 
 

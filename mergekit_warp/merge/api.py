@@ -232,6 +232,13 @@ def inspect(
         grams = gram_pass(
             readers, groups, device=resolve_device(device), chunk=chunk, progress=Bytes(progress), full=True
         )
+        order = sorted(groups, key=lambda g: _position(groups[g]))  # embeddings, blocks 0, 1, 2 …, the rest
+        whole = {"delta": sum(grams[g]["delta"] for g in order), "full": sum(grams[g]["full"] for g in order)}
+        if len(order) > 1:  # the whole model as one more row
+            groups, grams = (
+                {**{g: groups[g] for g in order}, "(whole model)": readers[0].names},
+                {**grams, "(whole model)": whole},
+            )
         rows = []
         for g, ns in groups.items():
             gd, gf = grams[g]["delta"], grams[g]["full"]
@@ -260,6 +267,14 @@ def _cos(g: Tensor, norms: Tensor) -> list[list[float | None]]:
     """Cosines from a Gram matrix; None where a vector is zero (no angle), which keeps the JSON strict."""
     den = (norms[:, None] * norms[None, :]).tolist()
     return [[gij / d if d > 0 else None for gij, d in zip(grow, drow)] for grow, drow in zip(g.tolist(), den)]
+
+
+def _position(names: list[str]) -> tuple[int, int]:
+    """Sort key of a group: embeddings first, then the blocks by number, then the rest (final norm, head)."""
+    layer = _layer(names)
+    if layer is not None:
+        return 1, layer
+    return (0, 0) if any(k in names[0] for k in ("embed", "wte", "wpe")) else (2, 0)
 
 
 def _layer(names: list[str]) -> int | None:

@@ -312,19 +312,21 @@ def evaluate_run(
         init = lay.liti(i)
     if not iterations:
         raise WarpError(f"{run_dir}: no iteration has finished its RL runs and merge yet; nothing to evaluate")
+    settings = cfg.eval.resolved(cfg.rl)
+    penalty = f" − {settings.length_penalty:g}·tokens" if settings.length_penalty else ""
     return pareto(
         sft,
         iterations,
         cfg.prompts.heldout or cfg.prompts.train,
         cfg.reward,
-        cfg.eval.resolved(cfg.rl),
+        settings,
         Path(out) if out is not None else lay.eval,
         etas=list(etas if etas is not None else cfg.eval.etas),
         target=cfg.eval.target,
         force=force,
         device=device or cfg.eval_device,
         progress=progress,
-        title=f"WARP Pareto front ({Path(cfg.init).name}, reward: {Path(cfg.reward).name})",
+        title=f"WARP Pareto front ({Path(cfg.init).name}, reward: {Path(cfg.reward).name}{penalty})",
     )
 
 

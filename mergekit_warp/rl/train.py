@@ -39,7 +39,7 @@ from mergekit_warp.lm.models import load_model, load_tokenizer, model_context, m
 from mergekit_warp.lm.prompts import Prompt, check_lengths, read_prompts
 from mergekit_warp.lm.rewards import RewardFn, describe_reward, load_reward, reward_inputs
 from mergekit_warp.lm.sampling import Rollout, generate, sequence_logprobs
-from mergekit_warp.progress import Steps
+from mergekit_warp.progress import Steps, duration
 from mergekit_warp.rl import state as st
 from mergekit_warp.rl.config import RESUMABLE_CHANGES, RLConfig
 from mergekit_warp.rl.objective import advantages, ema_update, lr_at, reinforce_loss, shaped_reward
@@ -185,6 +185,9 @@ def step(run: Run) -> dict[str, float]:
         "step_cpu_time": time.process_time() - c0,  # CPU seconds, all threads: robust on a busy machine
         "gen_time": t_gen,
     }
+    dev = chunks[0].input_ids.device
+    if dev.type == "cuda":  # peak accelerator memory of this rank so far
+        metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
     metrics.update(par.mean_metrics({k_: v for k_, v in metrics.items() if isinstance(v, float) and k_ != "entropy"}))
     for k_ in ("tokens_per_s", "samples_per_s"):  # throughput of the whole job
         metrics[k_] *= par.world_size
@@ -422,7 +425,7 @@ def _train(cfg: RLConfig) -> Path:
     fresh = plan == "start"
 
     view = Steps("rl", cfg.progress and par.is_main, cfg.steps, run.step)
-    t_run, stopped = time.time(), "steps"
+    t_run, stopped, first = time.time(), "steps", run.step
     try:
         while run.step < cfg.steps:
             metrics = step(run)
@@ -430,6 +433,11 @@ def _train(cfg: RLConfig) -> Path:
             every = cfg.eval_every and run.step % cfg.eval_every == 0
             if run.eval_prompts and (every or run.step == cfg.steps):
                 metrics.update(evaluate(run))
+            if par.is_main and run.step == first + 1 and cfg.steps > run.step:
+                view.note(
+                    f"step {run.step} took {metrics['step_time']:.1f} s: the {cfg.steps - first} steps of this run "
+                    f"take about {duration(metrics['step_time'] * (cfg.steps - first))} at this pace"
+                )
             if par.is_main:
                 st.append_metrics(work, metrics)
                 view.update(
@@ -446,6 +454,16 @@ def _train(cfg: RLConfig) -> Path:
     except BaseException as e:
         if par.is_main and fresh and st.saved_step(work) is None:
             shutil.rmtree(work, ignore_errors=True)  # nothing resumable: leave nothing behind
+        if isinstance(e, KeyboardInterrupt) and par.is_main:
+            last = st.saved_step(work)
+            view.note(
+                f"interrupted in step {run.step + 1}: "
+                + (
+                    f"the state of step {last} is in {work}; run the same command with --resume to continue"
+                    if last
+                    else "no state was saved yet (every --state-every steps), nothing to resume"
+                )
+            )
         if isinstance(e, WarpError) and not str(e).startswith("step "):
             last = st.saved_step(work)
             where = (
