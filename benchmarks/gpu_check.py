@@ -285,7 +285,7 @@ def main() -> int:
         argv += ["--max-new-tokens", "16"] if q else []
         ok, dt, tail = c.run("eval score", argv)
         if ok:
-            c.record("eval score", wall_s=dt, table=json.loads(Path(f"{o}.json").read_text()))
+            c.record("eval score", wall_s=dt, table=json.loads((o / "scores.json").read_text())["scores"])
 
     # 6. the pipeline on the GPU
     import yaml

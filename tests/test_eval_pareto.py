@@ -119,10 +119,10 @@ def test_eval_cli_default_command(tmp_path, reference_run):
         ],
     )
     assert r.exit_code == 0, r.output
-    rows = json.loads(out.with_suffix(".json").read_text())
+    rows = json.loads((out / "scores.json").read_text())["scores"]
     assert [Path(x["path"]).name for x in rows] == ["sft", "final"]
     assert abs(rows[0]["kl"]) < 1e-5 and abs(rows[1]["kl"]) > 1e-3 and rows[0]["n"] == 16
-    with open(tmp_path / "scores.csv") as f:
+    with open(out / "scores.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     r = runner.invoke(
         app, ["eval", str(tmp_path / "nope"), "--init", str(sft), "--prompts", "x", "--reward", "sentiment"]

@@ -1,6 +1,7 @@
 """`warp eval` and `warp eval sxs` never print or write garbage with exit 0: a NaN/inf weight, a LITI
-overflow, a non-finite estimate, a bad judge answer, a B with another tokenizer and an unwritable -o are
-each one `error:` line, exit status 2, and no output file."""
+overflow, a non-finite estimate, a bad judge answer and an unwritable -o are each one `error:` line, exit
+status 2, and no output folder. A B with another tokenizer is sampled with its own, without common random
+numbers, and the output says so."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 from mergekit_warp.cli import app
 from mergekit_warp.errors import WarpError
-from mergekit_warp.eval.score import Evaluator, check_output
+from mergekit_warp.eval.score import Evaluator
 from mergekit_warp.eval.settings import EvalSettings
 from mergekit_warp.eval.sxs import check_margins, load_judge
 
@@ -116,6 +117,7 @@ def _score(files, ckpt: Path, init: Path, out: Path, *extra: str):
             "1",
             "-o",
             str(out),
+            "-q",
             *extra,
         ],
     )
@@ -137,12 +139,16 @@ def _sxs(files, a: Path, b: Path, judge: str):
             "3",
             "--samples-per-prompt",
             "1",
+            "-q",
         ],
     )
 
 
 def _nothing_written(out: Path) -> None:
-    assert not out.with_name(out.name + ".csv").exists() and not out.with_name(out.name + ".json").exists()
+    """No OUT folder, and nothing staged or locked beside it."""
+    assert not out.exists()
+    if out.parent.is_dir():
+        assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
 # -- warp eval: weights and estimates ---------------------------------------------------------------
@@ -152,7 +158,7 @@ def test_healthy_eval_still_works(files, tiny_init, tmp_path):
     out = tmp_path / "ok"
     r = _score(files, files["run"], tiny_init, out)
     assert r.exit_code == 0, r.output
-    rows = json.loads(out.with_name("ok.json").read_text())
+    rows = json.loads((out / "scores.json").read_text())["scores"]
     assert all(torch.isfinite(torch.tensor([row["kl"], row["reward"]])).all() for row in rows)
 
 
@@ -217,33 +223,33 @@ def test_output_folder_missing_fails_before_loading(files, tiny_init, tmp_path, 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the output path was checked")
 
-    monkeypatch.setattr(score, "evaluate", boom)
-    out = tmp_path / "no" / "such" / "stem"
+    monkeypatch.setattr(score, "_evaluate", boom)
+    out = tmp_path / "no" / "such" / "out"
     line = _error_line(_score(files, files["run"], tiny_init, out))
-    assert str(out.parent) in line and "create it first" in line
+    assert str(out.parent) in line and "does not exist" in line
     assert not (tmp_path / "no").exists()
+    (tmp_path / "taken").mkdir()
+    line = _error_line(_score(files, files["run"], tiny_init, tmp_path / "taken"))
+    assert str(tmp_path / "taken") in line and "--force" in line
 
 
-def test_output_is_a_folder_or_not_writable(files, tiny_init, tmp_path):
-    (tmp_path / "stem.json").mkdir()
-    line = _error_line(_score(files, files["run"], tiny_init, tmp_path / "stem"))
-    assert str(tmp_path / "stem.json") in line and "is a folder" in line
-    assert not (tmp_path / "stem.csv").exists()
+def test_output_is_a_file_or_not_writable(files, tiny_init, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    line = _error_line(_score(files, files["run"], tiny_init, afile / "stem"))
-    assert str(afile) in line and "not a folder" in line
-    with pytest.raises(WarpError, match="give a file stem"):
-        check_output(Path("."))
+    line = _error_line(_score(files, files["run"], tiny_init, afile, "--force"))
+    assert str(afile) in line and "is a file" in line and afile.read_text() == "x"
+    line = _error_line(_score(files, files["run"], tiny_init, afile / "out"))
+    assert str(afile) in line
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
         try:
-            line = _error_line(_score(files, files["run"], tiny_init, ro / "stem"))
-            assert str(ro) in line and "not writable" in line
+            line = _error_line(_score(files, files["run"], tiny_init, ro / "out"))
+            assert str(ro) in line and "permission denied" in line
         finally:
             ro.chmod(0o700)
+        _nothing_written(ro / "out")
 
 
 # -- warp eval sxs: judges --------------------------------------------------------------------------
@@ -312,33 +318,21 @@ def _word_tokenizer(words: list[str], eos: str = "</s>"):
     )
 
 
-def test_sxs_refuses_another_vocabulary(files, tiny_init):
+def test_sxs_another_vocabulary_is_sampled_without_crn(files, tiny_init):
     b = _with_tokenizer(files["run"], files["base"] / "other_vocab", _word_tokenizer(WORDS[:-1] + ["zebra"]))
-    line = _error_line(_sxs(files, tiny_init, b, f"{files['judges']}:words"))
-    assert "share a tokenizer" in line and str(tiny_init) in line and str(b) in line and "zebra" in line
+    r = _sxs(files, tiny_init, b, f"{files['judges']}:words")
+    assert r.exit_code == 0, r.output
+    assert "common random numbers: no" in r.stdout and "different vocabularies" in r.stdout and "zebra" in r.stdout
 
 
-def test_sxs_refuses_other_special_tokens(files, tiny_init):
+def test_sxs_other_special_tokens_is_sampled_without_crn(files, tiny_init):
     b = _with_tokenizer(files["run"], files["base"] / "other_eos", _word_tokenizer(WORDS, eos="<s>"))  # same vocab
-    line = _error_line(_sxs(files, tiny_init, b, f"{files['judges']}:words"))
-    assert "share a tokenizer" in line and "special tokens" in line and "eos_token" in line and str(b) in line
+    r = _sxs(files, tiny_init, b, f"{files['judges']}:words")
+    assert r.exit_code == 0, r.output
+    assert "common random numbers: no" in r.stdout and "special tokens" in r.stdout and "eos_token" in r.stdout
 
 
 def test_sxs_same_tokenizer_other_folder_is_fine(files, tiny_init):
     r = _sxs(files, tiny_init, files["run"], f"{files['judges']}:words")
     assert r.exit_code == 0, r.output
-    assert "win/tie/loss" in r.stdout
-
-
-def test_sxs_tokenizer_checked_before_models(files, tiny_init, monkeypatch):
-    from mergekit_warp.lm import models
-
-    b = files["base"] / "other_vocab2"
-    _with_tokenizer(files["run"], b, _word_tokenizer(WORDS[:-1] + ["zebra"]))
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the tokenizers were compared")
-
-    monkeypatch.setattr(models, "load_model", boom)
-    line = _error_line(_sxs(files, tiny_init, b, f"{files['judges']}:words"))
-    assert "share a tokenizer" in line
+    assert "win/tie/loss" in r.stdout and "common random numbers: yes" in r.stdout

@@ -1,7 +1,11 @@
-"""Side-by-side scoring: the ±1.5/±1/±0.5/0 mapping, the bootstrap interval, and the two reference
-cases of the issue (self against self, a judge that always prefers A)."""
+"""Side-by-side scoring: the ±1.5/±1/±0.5/0 mapping, the bootstrap interval, the judge's spread and the
+`auto` thresholds, and the reference cases: self against self (common random numbers: exactly 0, all
+ties), a judge that always prefers A, the output folder."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from typer.testing import CliRunner
 from mergekit_warp.cli import app
 from mergekit_warp.errors import WarpError
 from mergekit_warp.eval.settings import EvalSettings
-from mergekit_warp.eval.sxs import bootstrap_ci, check_thresholds, score_margins, summarize, sxs
+from mergekit_warp.eval.sxs import bootstrap_ci, check_thresholds, judge_spread, score_margins, summarize, sxs
 
 runner = CliRunner()
 
@@ -48,19 +52,31 @@ def _prompts(run):
     return run.parent / "heldout.jsonl"
 
 
-def test_self_vs_self_is_zero_within_ci(reference_run):
-    """Independent samples of the same policy, judged by a noisy pointwise reward: mean ≈ 0, CI ∋ 0."""
+@pytest.mark.parametrize("copy", [False, True])
+def test_self_vs_self_is_exactly_zero(reference_run, tmp_path, copy):
+    """The same policy (the same folder, or a copy of it) with a noisy pointwise judge: common random
+    numbers give identical answers, so every pair is a tie and the mean is exactly 0."""
     pol = reference_run / "iter_1" / "slerp"
+    other = shutil.copytree(pol, tmp_path / "copy") if copy else pol
     r = sxs(
         pol,
-        pol,
+        other,
         _prompts(reference_run),
         f"{TOY_REWARD}:words",
-        EvalSettings(samples_per_prompt=4, max_new_tokens=6),
-        thresholds=(0.1, 0.3, 0.6),
+        EvalSettings(samples_per_prompt=4, max_new_tokens=6, temperature=2.0),
     )
-    assert r.n == 32 and r.ci_low <= 0.0 <= r.ci_high and abs(r.mean) < 0.5
-    assert r.wins > 0 and r.losses > 0  # the samples really differed: not a degenerate all-ties test
+    assert r.crn and r.n == 32 and (r.wins, r.ties, r.losses) == (0, 32, 0)
+    assert r.mean == 0.0 and (r.ci_low, r.ci_high) == (0.0, 0.0)
+    assert all(p["a"] == p["b"] and p["margin"] == 0.0 and p["verdict"] == "tie" for p in r.pairs)
+    assert r.spread > 0  # the judge did vary between samples: the zero is not a degenerate judge
+
+
+def test_judge_spread_and_auto_thresholds():
+    # two prompts × 2 samples per policy: within-group deviations ±0.5 and ±1 (A), 0 (B)
+    a, b = [1.0, 2.0, 0.0, 2.0], [3.0, 3.0, 5.0, 5.0]
+    assert judge_spread(a, b, [], 2) == pytest.approx(((0.25 * 2 + 1 * 2) / 4) ** 0.5)
+    assert judge_spread([1.0, 3.0], [2.0, 2.0], [], 1) == pytest.approx((2 / 2) ** 0.5)  # one sample: all answers
+    assert judge_spread(None, None, [1.0, 3.0], 1) == pytest.approx(2**0.5 / 2**0.5)  # pairwise: std(m)/√2
 
 
 def test_judge_always_prefers_a(reference_run):
@@ -73,6 +89,7 @@ def test_judge_always_prefers_a(reference_run):
         EvalSettings(samples_per_prompt=1, max_new_tokens=6),
     )
     assert r.mean == 1.5 and (r.ci_low, r.ci_high) == (1.5, 1.5) and r.wins == r.n == 8
+    assert r.auto and r.spread == 0.0 and r.thresholds == (0.0, 0.0, 0.0)  # a constant margin: no noise at all
 
 
 def test_sxs_cli(reference_run):
@@ -93,7 +110,7 @@ def test_sxs_cli(reference_run):
         ],
     )
     assert r.exit_code == 0, r.output
-    assert "+1.500" in r.stdout and "win/tie/loss 16/0/0" in r.stdout
+    assert "+1.500" in r.stdout and "win/tie/loss 16/0/0" in r.stdout and "common random numbers: yes" in r.stdout
     r = runner.invoke(
         app,
         [
@@ -152,9 +169,34 @@ def test_sxs_cli_nan_judge(tmp_path, reference_run):
                 f"{judge}:{fn}",
                 "--max-new-tokens",
                 "4",
+                "-q",
             ],
         )
         assert r.exit_code == 2, r.output
         line = r.stderr.strip()
         assert len(line.splitlines()) == 1 and line.startswith("error:") and f"{judge}:{fn}" in line
         assert "NaN" in line if fn == "nan_point" else "non-finite margin nan for pair 0" in line
+
+
+def test_sxs_cli_self_and_output_folder(tmp_path, reference_run):
+    """A against itself on the command line: +0.000, all ties; -o writes sxs.json and pairs.jsonl, and an
+    existing folder is refused without --force."""
+    pol = str(reference_run / "final")
+    out = tmp_path / "sxs"
+    args = ["eval", "sxs", pol, pol, "--prompts", str(_prompts(reference_run)), "--judge", f"{TOY_REWARD}:words"]
+    r = runner.invoke(app, [*args, "--max-new-tokens", "5", "--temperature", "3", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "+0.000" in r.stdout and "win/tie/loss 0/16/0" in r.stdout and "judge spread σ" in r.stdout
+    assert r.stdout.strip().splitlines()[-1] == str(out) and "[warp eval sxs] step" in r.stderr
+    rec = json.loads((out / "sxs.json").read_text())
+    assert rec["mean"] == 0.0 and rec["ties"] == 16 and rec["common_random_numbers"] is True
+    assert rec["settings"]["max_new_tokens"] == 5 and rec["settings"]["temperature"] == 3.0
+    assert rec["thresholds_from"].startswith("auto") and rec["thresholds"] == [
+        rec["judge_spread"] * k for k in (1, 2, 3)
+    ]
+    pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 16 and set(pairs[0]) >= {"prompt", "a", "b", "score_a", "score_b", "margin", "verdict"}
+    r = runner.invoke(app, [*args, "--max-new-tokens", "5", "-o", str(out), "-q"])
+    assert r.exit_code == 2 and "--force" in r.stderr and r.stdout == ""
+    r = runner.invoke(app, [*args, "--max-new-tokens", "5", "-o", pol, "--force", "-q"])
+    assert r.exit_code == 2 and "input" in r.stderr and (reference_run / "final" / "config.json").is_file()

@@ -233,3 +233,15 @@ def test_help_version_and_bare_command():
     assert h.returncode == 0 and "--granularity" in h.stdout
     bare = run()
     assert "Commands" in bare.stdout + bare.stderr and "error" not in bare.stderr
+
+
+def test_printed_output_path_is_normalised(tiny_init, tiny_runs, tmp_path):
+    (tmp_path / "sub").mkdir()
+    r = warp("merge", "slerp", tiny_runs[0], tiny_runs[1], "--init", tiny_init, "-o", tmp_path / "sub/../m", "-q")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(tmp_path.absolute() / "m")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "sub" / "link").symlink_to(tmp_path / "elsewhere")  # link/.. is elsewhere's parent: tmp_path
+    r = warp("liti", tmp_path / "m", "--init", tiny_init, "-o", tmp_path / "sub/link/../l", "-q")
+    assert r.exit_code == 0 and (tmp_path / "l").is_dir()
+    assert r.stdout.strip() == str(tmp_path.absolute() / "sub/link/../l")  # not folded: that is sub/l

@@ -1148,8 +1148,8 @@ def test_real_disk_full_message_says_where(command, tmpfs, files, tiny_init, tin
 
 @pytest.mark.parametrize("case", ["-o CKPT/config", "-o PROMPTS_STEM"])
 def test_eval_scores_never_overwrite_an_input(case, files, tiny_init, tmp_path):
-    """`warp eval CKPT … -o CKPT/config` would write CKPT/config.json (and `-o held` with prompts in
-    held.json the prompts file): refused, inputs untouched."""
+    """`warp eval CKPT … -o CKPT/config`, an output folder inside an input, is refused; `-o held` beside
+    the prompts file held.json is a folder of its own and writes nothing over the prompts. Inputs untouched."""
     ckpt, prompts = copy_model(tiny_init, tmp_path / "ckpt"), tmp_path / "held.json"
     shutil.copy(files / "p.jsonl", prompts)
     stem = ckpt / "config" if case == "-o CKPT/config" else tmp_path / "held"
@@ -1169,7 +1169,10 @@ def test_eval_scores_never_overwrite_an_input(case, files, tiny_init, tmp_path):
         "4",
     )
     assert snapshot(ckpt, prompts) == before, "an input was overwritten"
-    refused(res, "input")
+    if case == "-o CKPT/config":
+        refused(res, "input")
+    else:
+        assert res.exit_code == 0 and (stem / "scores.json").is_file(), res.output
 
 
 PARETO_OVER_INPUT = ["the run folder", "an RL run", "final/", "the SFT init"]

@@ -152,3 +152,213 @@ def test_shared_prefix_is_ignored_under_activation_checkpointing(tmp_path):
     model.train()
     ckpt = sequence_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, share_prefix=True)
     torch.testing.assert_close(ckpt.detach(), plain, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Top-k / top-p, stop strings, prompt truncation
+
+
+def _support_dense(probs: torch.Tensor, top_k: int, top_p: float) -> list[set[int]]:
+    """Per row, the ids a top-k-then-top-p sampler may draw, by plain Python over a sorted list."""
+    rows = []
+    for p in probs.tolist():
+        order = sorted(range(len(p)), key=lambda i: -p[i])
+        if 0 < top_k < len(p):
+            kth = p[order[top_k - 1]]
+            order = [i for i in order if p[i] >= kth]
+        total, mass, keep = sum(p[i] for i in order), 0.0, []
+        for i in order:
+            if top_p < 1 and keep and mass >= top_p * total and p[i] < p[keep[-1]]:
+                break
+            keep.append(i)
+            mass += p[i]
+        rows.append(set(keep))
+    return rows
+
+
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (3, 1.0), (0, 0.5), (0, 1e-6), (4, 0.7), (0, 0.999), (20, 1.0)])
+def test_top_k_top_p_restrict_the_support(top_k, top_p):
+    from mergekit_warp.lm.sampling import filter_probs, sample_inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 12, generator=g) * 2
+    logits[4] = torch.tensor([3.0, 3.0, 1.0, 1.0, 1.0, 0.0, -1.0, -1.0, -2.0, -3.0, -4.0, -5.0])  # ties at the cuts
+    probs = torch.softmax(logits / 0.9, -1)
+    kept = filter_probs(probs, top_k, top_p)
+    want = _support_dense(probs, top_k, top_p)
+    assert [set((kept[i] > 0).nonzero().squeeze(-1).tolist()) for i in range(5)] == want
+    if top_k == 1 or top_p < 1e-3:
+        assert all(s == {int(probs[i].argmax())} for i, s in enumerate(want) if i != 4)
+    # draws land in the support, in proportion to the renormalised probabilities
+    n = 4000
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    for i in range(5):
+        ids = sample_inverse_cdf(kept[i : i + 1].expand(n, -1), u)
+        assert set(ids.tolist()) <= want[i]
+        freq = torch.bincount(ids, minlength=12).double() / n
+        torch.testing.assert_close(freq, (kept[i] / kept[i].sum()).double(), atol=0.04, rtol=0)
+
+
+def _greedy(model, tok, prompt: str, n: int) -> list[int]:
+    """Argmax decoding by plain full forwards of the prompt alone (no cache, no padding)."""
+    from mergekit_warp.lm.sampling import add_special_tokens
+
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=add_special_tokens(tok))["input_ids"]
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            out.append(int(nxt))
+            if int(nxt) == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("opts", [{"top_k": 1}, {"top_p": 1e-6}])
+def test_top_k_1_and_tiny_top_p_are_greedy(policy, opts):
+    model, tok = policy
+    r = generate(model, tok, PROMPTS, max_new_tokens=8, temperature=1.3, generator_seed=5, **opts)
+    P = int(r.completion_mask.any(0).nonzero()[0])  # first completion column
+    for i, prompt in enumerate(PROMPTS):
+        got = r.input_ids[i, P:][r.completion_mask[i, P:].bool()].tolist()
+        assert got == _greedy(model, tok, prompt, 8)
+    # the recorded log-probs stay those of π_τ over the full vocabulary (not of the restricted sampler)
+    full = sequence_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, temperature=1.3)
+    torch.testing.assert_close(r.logprobs, full, rtol=1e-5, atol=1e-4)
+    assert (r.logprobs < -1e-3).all()
+
+
+def test_default_options_are_bit_identical(policy):
+    """The defaults (and options that restrict nothing) sample exactly what the plain sampler does."""
+    model, tok = policy
+    kw = dict(max_new_tokens=8, temperature=0.9, generator_seed=11)
+    base = generate(model, tok, PROMPTS, **kw)
+    V = model.config.vocab_size
+    for opts in (
+        dict(top_p=1.0, top_k=0, stop=(), max_prompt_length=None),
+        dict(top_k=V),  # through the filter, which keeps every token
+        dict(max_prompt_length=100),  # longer than every prompt
+    ):
+        r = generate(model, tok, PROMPTS, **kw, **opts)
+        assert torch.equal(r.input_ids, base.input_ids) and torch.equal(r.completion_mask, base.completion_mask)
+        assert torch.equal(r.logprobs, base.logprobs) and torch.equal(r.entropy, base.entropy)
+        assert r.completions == base.completions
+    # a real restriction changes the draws
+    assert not torch.equal(generate(model, tok, PROMPTS, **kw, top_k=2).input_ids, base.input_ids)
+
+
+def test_stop_strings_cut_completions_and_mask_the_rest(policy):
+    model, tok = policy
+    kw = dict(max_new_tokens=10, temperature=1.0, generator_seed=7)
+    base = generate(model, tok, PROMPTS, **kw)
+    P = base.input_ids.shape[1] - 10
+    gen = base.input_ids[0, P:].tolist()
+    # a word of row 0 (not its first, not inside the text before it) becomes the stop string
+    j = next(
+        j
+        for j in range(1, 10)
+        if base.completion_mask[0, P + j]
+        and gen[j] >= 4
+        and tok.decode([gen[j]]) not in tok.decode(gen[:j], skip_special_tokens=True)
+    )
+    word = tok.decode([gen[j]])
+    r = generate(model, tok, PROMPTS, **kw, stop=[word, "no such words here"])
+    assert r.lengths[0] == j + 1
+    assert torch.equal(r.input_ids[0, : P + j + 1], base.input_ids[0, : P + j + 1])  # same draws up to the stop
+    assert (r.input_ids[0, P + j + 1 :] == tok.pad_token_id).all() and (r.completion_mask[0, P + j + 1 :] == 0).all()
+    assert (r.attention_mask[:, P:] == r.completion_mask[:, P:]).all()
+    assert r.completions[0] == tok.decode(gen[: j + 1], skip_special_tokens=True) and r.completions[0].endswith(word)
+    for i in range(1, len(PROMPTS)):  # rows without the stop string are untouched
+        if word not in base.completions[i]:
+            assert torch.equal(r.input_ids[i], base.input_ids[i]) and r.completions[i] == base.completions[i]
+    # the masked tail counts nowhere: recorded log-probs = a forward over the kept tokens
+    lp = sequence_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask)
+    torch.testing.assert_close(r.logprobs, lp, rtol=1e-5, atol=1e-4)
+
+
+def test_cut_at_stop_keeps_the_first_stop_string():
+    from mergekit_warp.lm.sampling import cut_at_stop
+
+    assert cut_at_stop("a b. c\nd", [".", "\n"]) == "a b."
+    assert cut_at_stop("xyz END more END", ["END", "z E"]) == "xyz E"  # the one that ends first
+    assert cut_at_stop("nothing", ["!"]) == "nothing"
+
+
+def test_max_prompt_length_keeps_the_last_tokens(policy):
+    from mergekit_warp.lm.sampling import add_special_tokens
+
+    model, tok = policy
+    long = PROMPTS[2]
+    kw = dict(max_new_tokens=4, temperature=1.0, generator_seed=1)
+    r = generate(model, tok, [long, "hello"], **kw, max_prompt_length=3)
+    last3 = tok(long, add_special_tokens=add_special_tokens(tok))["input_ids"][-3:]
+    assert r.input_ids.shape[1] <= 3 + 4 and r.input_ids[0, :3].tolist() == last3
+    # the same draws as a prompt made of those 3 tokens alone
+    alone = generate(model, tok, [tok.decode(last3)], **kw, special_tokens=False)
+    assert alone.input_ids[0, :3].tolist() == last3
+    assert r.completions[0] == alone.completions[0]
+    torch.testing.assert_close(r.logprobs[:1], alone.logprobs, rtol=1e-5, atol=1e-4)
+
+
+def test_sampling_options_are_validated():
+    from mergekit_warp.errors import WarpError
+    from mergekit_warp.rl.config import make_config
+
+    base = dict(model="m", prompts="p.jsonl", reward="sentiment", out="o")
+    for opts, match in (
+        ({"top_p": 0}, "--top-p 0: Input should be greater than 0"),
+        ({"top_p": 1.5}, "--top-p 1.5"),
+        ({"top_p": float("nan")}, "--top-p nan: Input should be a finite number"),
+        ({"top_k": -1}, "--top-k -1"),
+        ({"stop": ["ok", ""]}, "--stop .*: a stop string must not be empty"),
+        ({"max_prompt_length": 0}, "--max-prompt-length 0"),
+    ):
+        with pytest.raises(WarpError, match=match):
+            make_config({**base, **opts})
+    assert make_config({**base, "stop": "\n"}).stop == ["\n"]  # one string in a config file
+
+
+def test_rl_cli_runs_a_step_with_top_k(tiny_init, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mergekit_warp.cli import app
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    argv = ["rl", "--model", str(tiny_init), "--prompts", str(tmp_path / "p.jsonl"), "--reward", "sentiment"]
+    argv += ["-o", str(tmp_path / "out"), "--steps", "1", "--batch-size", "2", "--max-new-tokens", "6"]
+    argv += ["--top-k", "5", "--top-p", "0.9", "--stop", "good", "--max-prompt-length", "4", "--no-progress"]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, (res.output, res.exception)
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["completion_len"] <= 6
+    prov = (tmp_path / "out" / "warp_provenance.json").read_text()
+    assert '"top_k": 5' in prov and '"stop": [' in prov
+
+
+def test_resume_of_state_saved_before_the_sampling_options(tiny_init, tmp_path):
+    """A work folder whose config.json predates top_p/top_k/stop/max_prompt_length resumes with their
+    defaults, and is refused with other values."""
+    import json
+
+    from mergekit_warp.errors import WarpError
+    from mergekit_warp.rl.config import ADDED_OPTIONS, RLConfig
+    from mergekit_warp.rl.train import train
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    (tmp_path / "rew.py").write_text(
+        "calls = 0\ndef r(prompts, completions):\n    global calls\n    calls += 1\n"
+        "    if calls == 2:\n        raise RuntimeError('gone')\n    return [0.0] * len(completions)\n"
+    )
+    kw = dict(model=str(tiny_init), prompts=tmp_path / "p.jsonl", reward=f"{tmp_path / 'rew.py'}:r")
+    kw |= dict(out=tmp_path / "out", steps=2, batch_size=2, max_new_tokens=4, state_every=1, progress=False)
+    with pytest.raises(WarpError, match="resumable state of step 1"):
+        train(RLConfig(**kw))
+    saved = tmp_path / "out.partial" / "config.json"
+    old = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ADDED_OPTIONS}
+    saved.write_text(json.dumps(old))
+    with pytest.raises(WarpError, match="options --top-k differ"):
+        train(RLConfig(**kw, resume=True, top_k=3))
+    assert train(RLConfig(**kw, resume=True)) == tmp_path / "out"

@@ -213,6 +213,9 @@ def test_output_loads_and_slerps(learned, stiff, tiny_init, tmp_path):
     tok = AutoTokenizer.from_pretrained(learned)
     assert tok("good day")["input_ids"] == make_tokenizer()("good day")["input_ids"]
     assert torch.equal(model.lm_head.weight, load_state(learned)["lm_head.weight"])
+    written = [f for f in [*learned.iterdir(), *(learned / "anchor").iterdir()] if f.is_file()]
+    modes = {f.name: f.stat().st_mode & 0o777 for f in written}
+    assert len(set(modes.values())) == 1, modes  # the weights are as readable as the other files
     res = CliRunner().invoke(
         app,
         [

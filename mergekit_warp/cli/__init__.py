@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from mergekit_warp.cli import eval as eval_cli
+from mergekit_warp.cli import generate as generate_cli
 from mergekit_warp.cli import merge as merge_cli
 from mergekit_warp.cli import pipeline as pipeline_cli
 from mergekit_warp.cli import rl as rl_cli
@@ -39,6 +40,7 @@ merge_cli.register(app)
 rl_cli.register(app)
 pipeline_cli.register(app)
 eval_cli.register(app)
+generate_cli.register(app)
 
 
 def main() -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
 import typer
 from typer.core import TyperGroup
 
-from mergekit_warp.cli.common import options_from, user_errors, with_parameters
+from mergekit_warp.cli.common import user_errors, with_parameters
 from mergekit_warp.errors import WarpError, build
 from mergekit_warp.eval.settings import EvalSettings
 
@@ -48,41 +50,96 @@ def _param(name: str, annotation, default) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-def _settings(o: dict) -> EvalSettings:
-    return build(EvalSettings, {k: o[k] for k in EvalSettings.model_fields})
+def _sampling(like: bool, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """An option per `EvalSettings` field, unset by default (so a value given on the command line can be
+    told from a default), its help stating the default that applies."""
+    plain = EvalSettings().resolved()
+    params = []
+    for name, f in EvalSettings.model_fields.items():
+        if name in skip:
+            continue
+        kind = next((a for a in typing.get_args(f.annotation) if a is not type(None)), f.annotation)
+        value = getattr(plain, name)
+        shown = "every prompt" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+        if f.default is None and value is not None:
+            shown = f"{shown}, warp rl's"
+        shown += "; with --like: the run's" if like else ""
+        option = typer.Option(
+            None, "--" + name.replace("_", "-"), help=f"{f.description.removesuffix('.')} (default: {shown})."
+        )
+        params.append(_param(name, Optional[kind], option))
+    return params
 
 
-DEVICE = _param("device", str, typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."))
+def _given(o: dict) -> dict:
+    """The sampling options given on the command line."""
+    return {k: o[k] for k in EvalSettings.model_fields if o.get(k) is not None}
+
+
+QUIET = _param("quiet", bool, typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."))
+FORCE = _param("force", bool, typer.Option(False, "--force", help="Replace an existing output folder."))
 
 
 def score_cmd(**o) -> None:
-    """Mean reward and KL(π‖π_sft) with standard errors for each CHECKPOINT: a table, CSV and JSON."""
+    """Mean reward and KL(π‖π_sft) ± standard error of each CHECKPOINT on held-out prompts: a table,
+    and with -o OUT the folder OUT/ (scores.csv; scores.json with the settings used; samples.jsonl).
+
+    Without --like the sampling defaults are warp rl's (64 new tokens, temperature 0.9, no length
+    penalty), which are not a pipeline's evaluation settings: to score exactly as a run's Pareto
+    evaluation does (same prompts, reward, settings, device), pass --like RUN_DIR."""
     from rich.console import Console
 
-    from mergekit_warp.eval.score import check_output, evaluate, scores_table, write_scores
-    from mergekit_warp.lm.rewards import reward_inputs
+    from mergekit_warp.eval.score import score_checkpoints, scores_table
+    from mergekit_warp.eval.settings import make_recipe
 
     with user_errors():
-        settings = _settings(o)
-        inputs = [*o["checkpoints"], o["init"], o["prompts"], *reward_inputs(o["reward"])]
-        check_output(o["out"], inputs)  # before any model is loaded: a bad -o must not cost a whole evaluation
-        scores = evaluate(o["checkpoints"], o["init"], o["prompts"], o["reward"], settings, o["device"])
-        paths = write_scores(scores, o["out"])
-    Console(stderr=True).print(scores_table(scores))
-    print("\n".join(map(str, paths)))
+        recipe = make_recipe(
+            like=o["like"],
+            init=o["init"],
+            prompts=o["prompts"],
+            reward=o["reward"],
+            device=o["device"],
+            options=_given(o),
+        )
+        ev = score_checkpoints(o["checkpoints"], recipe, o["out"], force=o["force"], progress=not o["quiet"])
+    table = scores_table(ev.scores, caption=recipe.describe())
+    stream = sys.stdout if ev.out is None else sys.stderr  # the table is the result only without -o
+    # In a log or a pipe, full lines rather than a table folded to 80 columns.
+    Console(file=stream, width=None if stream.isatty() else 200).print(table)
+    if ev.out is not None:
+        print(ev.out)
 
 
 def sxs_cmd(**o) -> None:
-    """Side-by-side: mean score in [−1.5, 1.5] with a bootstrap 95% interval and win/tie/loss counts."""
-    from mergekit_warp.eval.sxs import sxs
+    """Side-by-side: mean score in [−1.5, 1.5] with a bootstrap 95% interval and win/tie/loss counts,
+    A and B sampled with common random numbers when they share a tokenizer (A against itself: exactly
+    0). With -o OUT: OUT/sxs.json and OUT/pairs.jsonl (every pair, its margin and verdict)."""
+    from mergekit_warp.eval.sxs import SPREADS, sxs
 
     with user_errors():
-        thresholds = tuple(_floats(o["thresholds"], "--thresholds"))
-        r = sxs(o["a"], o["b"], o["prompts"], o["judge"], _settings(o), thresholds=thresholds, device=o["device"])
+        t = None if o["thresholds"].strip() == "auto" else tuple(_floats(o["thresholds"], "--thresholds"))
+        settings = build(EvalSettings, _given(o))
+        r = sxs(
+            o["a"],
+            o["b"],
+            o["prompts"],
+            o["judge"],
+            settings,
+            thresholds=t,
+            device=o["device"],
+            out=o["out"],
+            force=o["force"],
+            progress=not o["quiet"],
+        )
+    shown = ",".join(f"{x:.4g}" for x in r.thresholds)
+    how = f" = {'/'.join(f'{x:g}' for x in SPREADS)} × σ" if r.auto else ""
     print(
         f"SxS {o['a']} vs {o['b']}: {r.mean:+.3f}  95% CI [{r.ci_low:+.3f}, {r.ci_high:+.3f}]  "
-        f"win/tie/loss {r.wins}/{r.ties}/{r.losses}  (n={r.n}, thresholds {r.thresholds})"
+        f"win/tie/loss {r.wins}/{r.ties}/{r.losses}  (n={r.n}, thresholds {shown}{how})"
     )
+    print(f"judge spread σ = {r.spread:.4g}; common random numbers: {'yes' if r.crn else 'no'} ({r.crn_note})")
+    if r.out is not None:
+        print(r.out)
 
 
 @eval_app.command("pareto")
@@ -107,18 +164,75 @@ def pareto_cmd(
     print(result.png)
 
 
-_SAMPLING = options_from(EvalSettings)
 eval_app.command("score")(
     with_parameters(
         score_cmd,
         [
-            _param("checkpoints", list[Path], typer.Argument(..., help="Policy folders to score.")),
-            _param("init", Path, typer.Option(..., "--init", help="θ_sft: the reference of KL(π‖π_sft).")),
-            _param("prompts", Path, typer.Option(..., "--prompts", help="Held-out prompts (JSONL).")),
-            _param("reward", str, typer.Option(..., "--reward", help="Reward spec, as for `warp rl --reward`.")),
-            _param("out", Path, typer.Option(Path("warp_eval"), "-o", "--out", help="Writes OUT.csv and OUT.json.")),
-            DEVICE,
-            *_SAMPLING,
+            _param(
+                "checkpoints",
+                list[Path],
+                typer.Argument(..., help="Checkpoints to score: HF folders, hub ids or builtin model names."),
+            ),
+            _param(
+                "like",
+                Optional[Path],
+                typer.Option(
+                    None,
+                    "--like",
+                    help="A `warp pipeline run` folder: score as its Pareto evaluation does — its init, held-out "
+                    "prompts, reward, evaluation settings and device. Options given here override them.",
+                ),
+            ),
+            _param(
+                "init",
+                Optional[str],
+                typer.Option(
+                    None,
+                    "--init",
+                    help="θ_sft, the reference of KL(π‖π_sft): HF folder, hub id or builtin name "
+                    "(required without --like; with --like: the run's).",
+                ),
+            ),
+            _param(
+                "prompts",
+                Optional[Path],
+                typer.Option(
+                    None, "--prompts", help="Held-out prompts, JSONL (required without --like; with --like: the run's)."
+                ),
+            ),
+            _param(
+                "reward",
+                Optional[str],
+                typer.Option(
+                    None,
+                    "--reward",
+                    help="Reward spec, as for `warp rl --reward` (required without --like; with --like: the run's).",
+                ),
+            ),
+            _param(
+                "out",
+                Optional[Path],
+                typer.Option(
+                    None,
+                    "-o",
+                    "--out",
+                    help="Output folder: OUT/scores.csv, OUT/scores.json (scores, settings, inputs with hashes), "
+                    "OUT/samples.jsonl (one line per completion). Without it the table is printed and "
+                    "nothing is written.",
+                ),
+            ),
+            FORCE,
+            _param(
+                "device",
+                Optional[str],
+                typer.Option(
+                    None,
+                    "--device",
+                    help="cpu, cuda or cuda:N (default: cpu; with --like: the run's evaluation device).",
+                ),
+            ),
+            QUIET,
+            *_sampling(like=True),
         ],
     )
 )
@@ -127,8 +241,8 @@ eval_app.command("sxs")(
         sxs_cmd,
         [
             _param("a", Path, typer.Argument(..., help="Policy A (positive scores favour A).")),
-            _param("b", Path, typer.Argument(..., help="Policy B.")),
-            _param("prompts", Path, typer.Option(..., "--prompts", help="Prompts (JSONL).")),
+            _param("b", Path, typer.Argument(..., help="Policy B, compared with A.")),
+            _param("prompts", Path, typer.Option(..., "--prompts", help="Prompts both policies answer (JSONL).")),
             _param(
                 "judge",
                 str,
@@ -143,11 +257,29 @@ eval_app.command("sxs")(
                 "thresholds",
                 str,
                 typer.Option(
-                    "0.05,0.25,0.5", help="Margins for slightly better / better / much better (±0.5/±1/±1.5)."
+                    "auto",
+                    help="Margins t1,t2,t3 for slightly better / better / much better (±0.5/±1/±1.5); a smaller "
+                    "margin is a tie. auto: 1,2,3 × σ, the judge's spread between two answers of one policy "
+                    "to one prompt (printed and recorded), below which a margin is noise. To compare several "
+                    "SxS results, give fixed values, e.g. from a σ printed earlier.",
                 ),
             ),
-            DEVICE,
-            *_SAMPLING,
+            _param(
+                "out",
+                Optional[Path],
+                typer.Option(
+                    None,
+                    "-o",
+                    "--out",
+                    help="Output folder: OUT/sxs.json (result, thresholds, σ, settings, inputs with hashes) and "
+                    "OUT/pairs.jsonl (per pair: prompt, both answers, judge scores, margin, verdict). Without "
+                    "it only the result is printed.",
+                ),
+            ),
+            FORCE,
+            _param("device", str, typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")),
+            QUIET,
+            *_sampling(like=False, skip=("length_penalty",)),
         ],
     )
 )

@@ -17,6 +17,9 @@ merge_app = typer.Typer(help="Merge checkpoints (streaming; output is an HF fold
 
 OUT = typer.Option(..., "-o", "--out", help="Output folder (must not exist unless --force).")
 DTYPE = typer.Option(None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: as the init stores it).")
+DTYPE_FIRST = typer.Option(
+    None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: as the first checkpoint stores it)."
+)
 SHARD = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")
 DEVICE = typer.Option("cpu", "--device", help="Where the math runs: cpu or cuda.")
 FORCE = typer.Option(False, "--force", help="Replace an existing output folder.")
@@ -54,7 +57,10 @@ def slerp_cmd(
     ),
     out: Path = OUT,
     lam: str = typer.Option(
-        "0.5", "--lambda", help="With --init: interpolation λ, or a per-layer list '0.3,0.5,0.7' (two models only)."
+        "0.5",
+        "--lambda",
+        help="With --init: interpolation λ, or a per-layer list '0.3,0.5,0.7' (two models only; any number of "
+        "values, interpolated linearly from the first block to the last).",
     ),
     lam_nonblock: float = typer.Option(
         None, "--lambda-nonblock", help="With --init: λ for embeddings/final norm/head (default: the list's mean)."
@@ -103,7 +109,9 @@ def lerp_cmd(
     out: Path = OUT,
     weights: str = typer.Option(None, "--weights", help="Comma-separated weights, one per model (default: uniform)."),
     init: Path = typer.Option(None, "--init", help="Average task vectors relative to this init instead of weights."),
-    dtype: str = DTYPE,
+    dtype: str = typer.Option(
+        None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: as --init, else the first model, stores it)."
+    ),
     max_shard_size: str = SHARD,
     device: str = DEVICE,
     force: bool = FORCE,
@@ -136,7 +144,7 @@ def ema_cmd(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoints in training order C1 … Cn."),
     out: Path = OUT,
     mu: float = typer.Option(0.01, "--mu", help="EMA rate μ: θ ← (1 − μ)·θ + μ·θ_t."),
-    dtype: str = DTYPE,
+    dtype: str = DTYPE_FIRST,
     max_shard_size: str = SHARD,
     device: str = DEVICE,
     force: bool = FORCE,
@@ -204,7 +212,12 @@ def liti_cmd(
     merged: Path = typer.Argument(..., help="The merged (e.g. SLERP) checkpoint."),
     init: Path = typer.Option(..., "--init", help="The LITI target: the iteration's init, or θ_sft."),
     out: Path = OUT,
-    eta: str = typer.Option("0.3", "--eta", help="η, or a per-layer list; η > 1 extrapolates."),
+    eta: str = typer.Option(
+        "0.3",
+        "--eta",
+        help="η, or a per-layer list (any number of values, interpolated linearly from the first block to the "
+        "last); η > 1 extrapolates.",
+    ),
     eta_nonblock: float = typer.Option(
         None, "--eta-nonblock", help="η for embeddings/final norm/head (default: the list's mean)."
     ),

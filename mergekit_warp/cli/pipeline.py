@@ -36,14 +36,32 @@ def register(app: typer.Typer) -> None:
         print(result.final)
 
     @pipe.command("status")
-    def status_cmd(run_dir: Path = typer.Argument(..., help="A run folder of `warp pipeline run`.")) -> None:
-        """Show each step of RUN_DIR: done, running, interrupted, failed or pending, with key metrics."""
-        from rich.console import Console
+    def status_cmd(
+        run_dir: Path = typer.Argument(..., help="A run folder of `warp pipeline run`."),
+        as_json: bool = typer.Option(False, "--json", help="Print the status as JSON (for scripts)."),
+        watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until no step is running (Ctrl-C stops)."),
+        every: float = typer.Option(5.0, "--every", min=0.5, help="Seconds between refreshes with --watch."),
+    ) -> None:
+        """Show each step of RUN_DIR: done, running (step N/T and the time left at its pace), interrupted,
+        failed or pending, with key metrics."""
+        import json
+        import time
 
-        from mergekit_warp.pipeline.status import status_table
+        from rich.console import Console
+        from rich.live import Live
+
+        from mergekit_warp.pipeline.status import finished, status_rows, status_table
 
         with user_errors():
-            table = status_table(run_dir)
-        Console().print(table)
+            if as_json:
+                print(json.dumps(status_rows(run_dir), indent=1))
+                return
+            if not watch:
+                Console().print(status_table(run_dir))
+                return
+            with Live(status_table(run_dir), auto_refresh=False) as live:
+                while not finished(run_dir):
+                    time.sleep(every)
+                    live.update(status_table(run_dir), refresh=True)
 
     app.add_typer(pipe, name="pipeline")

@@ -14,6 +14,7 @@ import csv
 import itertools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,10 +82,12 @@ def pareto(
     device: str = "cpu",
     progress: bool = True,
     title: str = "WARP Pareto front",
+    on_point: Callable[[int, int], None] | None = None,
 ) -> ParetoResult:
     """Score θ_sft, and per iteration its init, RL runs, merge, the LITI sweep
     (1 − η)·θ_target + η·θ_merged for each η (`target` 'sft' or 'init'), and the final output; write
-    `out/` (pareto.csv, pareto.png, summary.txt, summary.json) atomically."""
+    `out/` (pareto.csv, pareto.png, summary.txt, summary.json) atomically. `on_point(done, total)` is
+    called after each point (for a progress display)."""
     if not etas or any(not math.isfinite(e) or e < 0 for e in etas):
         raise WarpError(f"--etas {etas}: η values must be finite and ≥ 0")
     if not iterations:
@@ -112,20 +115,28 @@ def pareto(
         s = cache[key]
         return Score(**{**asdict(s), "name": name})
 
-    points = [Point(0, "sft", None, at("sft", sft, sft, 0.0))]
+    points: list[Point] = []
+    total = 1 + sum((it.index > 1) + len(it.runs) + 1 + len(set(etas)) + (it.final is not None) for it in iterations)
+
+    def add(point: Point) -> None:
+        points.append(point)
+        if on_point is not None:
+            on_point(len(points), total)
+
+    add(Point(0, "sft", None, at("sft", sft, sft, 0.0)))
     for it in iterations:
         i = it.index
         say(f"iteration {i}")
         if i > 1:
-            points.append(Point(i, "init", None, at(f"iter_{i}/init", it.init, it.init, 0.0)))
+            add(Point(i, "init", None, at(f"iter_{i}/init", it.init, it.init, 0.0)))
         for m, r in enumerate(it.runs, 1):
-            points.append(Point(i, "rl", None, at(f"iter_{i}/run_{m}", r, r, 1.0)))
-        points.append(Point(i, "slerp", None, at(f"iter_{i}/slerp", it.merged, it.merged, 1.0)))
+            add(Point(i, "rl", None, at(f"iter_{i}/run_{m}", r, r, 1.0)))
+        add(Point(i, "slerp", None, at(f"iter_{i}/slerp", it.merged, it.merged, 1.0)))
         toward = sft if target == "sft" else it.init
         for eta in sorted(set(etas)):
-            points.append(Point(i, "liti", eta, at(f"iter_{i}/liti(eta={eta:g})", toward, it.merged, eta)))
+            add(Point(i, "liti", eta, at(f"iter_{i}/liti(eta={eta:g})", toward, it.merged, eta)))
         if it.final is not None:
-            points.append(Point(i, "final", None, at("final", it.final, it.final, 1.0)))
+            add(Point(i, "final", None, at("final", it.final, it.final, 1.0)))
 
     headline, summary = summarize(points, ev.s, reward)
     with claim(out), staged(out, replace=True) as tmp:

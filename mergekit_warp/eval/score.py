@@ -9,6 +9,11 @@ Every checkpoint is sampled with the same prompts and the same generator seeds (
 numbers), so differences between checkpoints are not swamped by sampling noise. One policy model is
 kept in memory and its weights are overwritten per checkpoint, straight from the safetensors files or
 as a LITI interpolation built tensor by tensor (nothing is written to disk).
+
+`warp eval score` prints a table; with `-o OUT` it publishes OUT/ atomically: scores.csv, scores.json
+(the recipe — θ_sft, prompts, reward, sampling settings, device — and every input with its hash, so a
+result can be reproduced or compared) and samples.jsonl (one line per checkpoint and completion: with
+common random numbers, per-completion differences between checkpoints are paired).
 """
 
 from __future__ import annotations
@@ -17,18 +22,24 @@ import csv
 import io
 import json
 import math
-import os
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
+from mergekit_warp import __version__
 from mergekit_warp.errors import WarpError
-from mergekit_warp.eval.settings import EvalSettings
-from mergekit_warp.io.atomic import write_atomic
+from mergekit_warp.eval.settings import EvalSettings, Recipe
+from mergekit_warp.io.atomic import claim
+from mergekit_warp.io.publish import check_disjoint, check_output_path, fingerprint, publishing
 from mergekit_warp.io.reader import CheckpointReader
 from mergekit_warp.io.source import resolve_source
-from mergekit_warp.lm.heldout import mean_se, sample_and_score
+from mergekit_warp.lm.heldout import Samples, mean_se, sample_and_score
+from mergekit_warp.progress import Log, Steps
 
 
 @dataclass(frozen=True)
@@ -130,111 +141,202 @@ class Evaluator:
 
     # -- scoring ----------------------------------------------------------------------------------
 
-    def score(self, name: str, path: str = "") -> Score:
-        """Sample from the current policy weights; reward and KL to θ_sft per completion."""
-        s = self.s
-        got = sample_and_score(
-            self.policy,
-            self.sft,
-            self.tok,
-            self.prompts,
-            self.reward_fn,
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            seed=s.seed,
-            batch_size=s.batch_size,
-        )
-        r, r_se = mean_se(got.rewards)
-        k, k_se = mean_se(got.kls)
-        # Finite weights can still overflow in the forward pass (huge weights, fp16): never report nan/inf.
-        bad = [
-            f"{what} {v}"
-            for what, v in (("reward", r), ("reward se", r_se), ("KL", k), ("KL se", k_se))
-            if not math.isfinite(v)
-        ]
-        if bad:
-            raise WarpError(
-                f"checkpoint {path or name}: the estimate is not finite ({', '.join(bad)}); its "
-                "weights overflow in the forward pass (or the reward overflows): check the checkpoint"
+    @property
+    def batches(self) -> int:
+        """Generation batches per checkpoint."""
+        return math.ceil(len(self.prompts) / self.s.batch_size)
+
+    def sample(self, on_batch: Callable[[int], None] | None = None) -> Samples:
+        """Reward, KL term and length of one completion per entry of `self.prompts`, sampled from the
+        current policy weights. Batch c is seeded `seed + c`, as one `sample_and_score` call over all
+        prompts would; `on_batch(c + 1)` follows each batch (for a progress display)."""
+        s, parts = self.s, []
+        for c, start in enumerate(range(0, len(self.prompts), s.batch_size)):
+            parts.append(
+                sample_and_score(
+                    self.policy,
+                    self.sft,
+                    self.tok,
+                    self.prompts[start : start + s.batch_size],
+                    self.reward_fn,
+                    max_new_tokens=s.max_new_tokens,
+                    temperature=s.temperature,
+                    seed=s.seed + c,
+                    batch_size=s.batch_size,
+                )
             )
-        return Score(
-            name=name,
-            reward=r,
-            reward_se=r_se,
-            kl=k,
-            kl_se=k_se,
-            length=got.lengths.mean().item(),
-            n=len(self.prompts),
-            path=path,
+            if on_batch is not None:
+                on_batch(c + 1)
+        return Samples(*(torch.cat([getattr(x, f.name) for x in parts]) for f in fields(Samples)))
+
+    def score(self, name: str, path: str = "", on_batch: Callable[[int], None] | None = None) -> Score:
+        """Sample from the current policy weights; reward and KL to θ_sft per completion."""
+        return summarize(self.sample(on_batch), name, path)
+
+
+def summarize(got: Samples, name: str, path: str = "") -> Score:
+    """Means and standard errors of per-completion samples; a WarpError naming the checkpoint when an
+    estimate is not finite."""
+    r, r_se = mean_se(got.rewards)
+    k, k_se = mean_se(got.kls)
+    # Finite weights can still overflow in the forward pass (huge weights, fp16): never report nan/inf.
+    bad = [
+        f"{what} {v}"
+        for what, v in (("reward", r), ("reward se", r_se), ("KL", k), ("KL se", k_se))
+        if not math.isfinite(v)
+    ]
+    if bad:
+        raise WarpError(
+            f"checkpoint {path or name}: the estimate is not finite ({', '.join(bad)}); its "
+            "weights overflow in the forward pass (or the reward overflows): check the checkpoint"
         )
+    return Score(
+        name=name,
+        reward=r,
+        reward_se=r_se,
+        kl=k,
+        kl_se=k_se,
+        length=got.lengths.mean().item(),
+        n=len(got.rewards),
+        path=path,
+    )
 
 
-def check_output(stem: Path, inputs: list = ()) -> None:
-    """Refuse, before any work, an output STEM whose STEM.csv / STEM.json cannot be written, or would
-    overwrite (or lie inside) one of the `inputs`."""
-    from mergekit_warp.io.publish import check_disjoint
-
-    stem = Path(stem)
-    if stem.name in ("", ".", ".."):
-        raise WarpError(f"-o {stem}: give a file stem (OUT writes OUT.csv and OUT.json), not a folder")
-    folder = stem.parent
-    if folder.exists() and not folder.is_dir():
-        raise WarpError(f"-o {stem}: {folder} is a file, not a folder; choose another -o")
-    if not folder.is_dir():
-        raise WarpError(f"-o {stem}: output folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise WarpError(f"-o {stem}: output folder {folder} is not writable; choose another -o or fix its permissions")
-    for p in output_paths(stem):
-        check_disjoint(p, inputs)
-        if p.is_dir():
-            raise WarpError(f"-o {stem}: {p} is a folder; choose another -o (or remove {p})")
-        if p.exists() and not os.access(p, os.W_OK):
-            raise WarpError(f"-o {stem}: {p} exists and is not writable; choose another -o or remove it")
+# ----------------------------------------------------------------------------------------------------
+# Outputs
 
 
-def output_paths(stem: Path) -> tuple[Path, Path]:
-    """STEM.csv and STEM.json."""
-    stem = Path(stem)
-    return stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".json")
+T = TypeVar("T")
 
 
-def evaluate(
+def compute_and_publish(
+    out: Path | None, inputs: list, force: bool, compute: Callable[[], T], write: Callable[[T, Path], None]
+) -> tuple[T, Path | None]:
+    """`compute()`, then with an output folder `out` `write(result, folder)` into a staged folder that
+    becomes `out` when complete. `out` is checked before `compute` runs (not an input, not inside or
+    around one; an existing one only with `force`; its parent must exist) and locked until it is
+    published; on any failure nothing is left at `out`. Without `out`: `compute()` alone."""
+    if out is None:
+        return compute(), None
+    out = check_disjoint(Path(out), inputs)  # before the lock file is made beside it
+    with claim(out):
+        check_output_path(out, inputs, force)
+        result = compute()
+        with publishing(out, inputs, force) as tmp:
+            write(result, tmp)
+    return result, out
+
+
+def provenance(roles: dict[str, Path | str | list]) -> dict[str, Any]:
+    """Tool, version, command line, time, and each input with its resolved path and content hash."""
+
+    def describe(p: Path | str) -> dict[str, str]:
+        p = Path(p)
+        return {"path": str(p.resolve()), "hash": fingerprint(p) if p.exists() else "missing"}
+
+    return {
+        "tool": "mergekit-warp",
+        "version": __version__,
+        "command": sys.argv,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": {
+            role: [describe(p) for p in v] if isinstance(v, (list, tuple)) else describe(v) for role, v in roles.items()
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# warp eval score
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    recipe: Recipe
+    scores: list[Score]
+    samples: list[dict[str, Any]]
+    """One row per checkpoint and completion: prompt, sample, reward, KL term, length."""
+    folders: list[Path]
+    """The local folders of init and checkpoints (resolved hub ids / builtin names)."""
+    out: Path | None = None
+
+
+def score_checkpoints(
     checkpoints: list[str | Path],
-    init: str | Path,
-    prompts: Path,
-    reward: str,
-    settings: EvalSettings | None = None,
-    device: str = "cpu",
-) -> list[Score]:
-    """Score each checkpoint (HF folder, hub id or builtin name) against θ_sft = `init`."""
+    recipe: Recipe,
+    out: Path | None = None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> Evaluation:
+    """Score each checkpoint against θ_sft = `recipe.init`; with `out`, publish OUT/scores.csv,
+    OUT/scores.json (recipe, inputs with hashes, scores) and OUT/samples.jsonl (per completion)."""
+    from mergekit_warp.lm.rewards import reward_inputs
+
+    inputs = [*checkpoints, recipe.init, recipe.prompts, *reward_inputs(recipe.reward)]
+    ev, out = compute_and_publish(
+        out, inputs, force, lambda: _evaluate(checkpoints, recipe, progress), _write_evaluation
+    )
+    return Evaluation(ev.recipe, ev.scores, ev.samples, ev.folders, out)
+
+
+def _evaluate(checkpoints: list[str | Path], recipe: Recipe, progress: bool) -> Evaluation:
     from mergekit_warp.lm.models import model_folder
 
-    local = [model_folder(c, "checkpoint") for c in [init, *checkpoints]]
-    ev = Evaluator(local[0], prompts, reward, settings, device)
-    out = []
-    for c, p in zip(checkpoints, local[1:]):
-        ev.load_folder(p)
-        out.append(ev.score(str(c), str(c)))  # the path as given: several checkpoints may share a name
-    return out
+    local = [model_folder(c, "checkpoint") for c in [recipe.init, *checkpoints]]
+    s = recipe.settings
+    log = Log(progress, "warp eval")
+    ev = Evaluator(local[0], recipe.prompts, recipe.reward, s, recipe.device)  # a bad input fails here, unlogged
+    log(f"loaded θ_sft {recipe.init} and the reward {recipe.reward} on {recipe.device}")
+    k = s.samples_per_prompt
+    steps = Steps("warp eval", progress, len(checkpoints) * ev.batches)
+    scores, rows = [], []
+    try:
+        for i, (c, p) in enumerate(zip(checkpoints, local[1:])):
+            ev.load_folder(p)
+            done = i * ev.batches
+            got = ev.sample(lambda b, c=c, done=done: steps.update(done + b, f"{c}: batch {b}/{ev.batches}"))
+            sc = summarize(got, str(c), str(c))  # the path as given: several checkpoints may share a name
+            steps.note(f"{c}: reward {sc.reward:+.4f} ± {sc.reward_se:.4f}   KL {sc.kl:.3f} ± {sc.kl_se:.3f}")
+            scores.append(sc)
+            rows += [
+                {
+                    "checkpoint": str(c),
+                    "prompt_index": j // k,
+                    "sample": j % k,
+                    "prompt": ev.prompts[j],
+                    "reward": got.rewards[j].item(),
+                    "kl": got.kls[j].item(),
+                    "length": int(got.lengths[j].item()),
+                }
+                for j in range(len(ev.prompts))
+            ]
+    finally:
+        steps.close()
+    return Evaluation(recipe, scores, rows, local)
 
 
-def write_scores(scores: list[Score], stem: Path) -> tuple[Path, Path]:
-    """Write `STEM.csv` and `STEM.json`; return both paths."""
-    csv_path, json_path = output_paths(stem)
+def _write_evaluation(ev: Evaluation, folder: Path) -> None:
     table = io.StringIO()
     w = csv.DictWriter(table, fieldnames=[fl.name for fl in fields(Score)])
     w.writeheader()
-    w.writerows(asdict(s) for s in scores)
-    write_atomic(csv_path, table.getvalue())
-    write_atomic(json_path, json.dumps([asdict(s) for s in scores], indent=2) + "\n")
-    return csv_path, json_path
+    w.writerows(asdict(s) for s in ev.scores)
+    (folder / "scores.csv").write_text(table.getvalue())
+    record = {
+        **provenance({"init": ev.folders[0], "checkpoints": ev.folders[1:], "prompts": ev.recipe.prompts}),
+        "settings": ev.recipe.record(),
+        "scores": [asdict(s) for s in ev.scores],
+    }
+    (folder / "scores.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    with open(folder / "samples.jsonl", "w") as f:
+        for row in ev.samples:
+            f.write(json.dumps(row) + "\n")
 
 
-def scores_table(scores: list[Score], title: str = "warp eval"):
-    """A rich table of scores."""
+def scores_table(scores: list[Score], title: str = "warp eval", caption: str | None = None):
+    """A rich table of scores (`caption`: the settings, under it)."""
     from rich.table import Table
 
-    t = Table(title=title)
+    t = Table(title=title, caption=caption)
     for col in ("checkpoint", "reward", "± se", "KL(π‖π_sft)", "± se", "length", "n"):
         t.add_column(col, justify="left" if col == "checkpoint" else "right")
     for s in scores:

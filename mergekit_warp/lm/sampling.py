@@ -7,6 +7,13 @@ actually drawn from, so the gradient is an unbiased policy gradient of the KL-re
 the sampling policy (TRL's RLOO does the same). `sequence_logprobs` defaults to τ = 1 (the model's own
 distribution); pass `temperature=cfg.temperature` to match training.
 
+Top-p / top-k only restrict which tokens can be DRAWN (HF's TopK then TopP warpers, ties at the cut kept):
+the recorded log-probs and entropies, like those the loss and the KL use, stay those of π_τ over the full
+vocabulary (as TRL does). A completion ends at EOS, at `max_new_tokens`, or at the token that completes the
+first stop string: that token is kept (sampled, scored and unmasked, like EOS) and the text is cut right
+after the stop string, which stays in it. `max_prompt_length` keeps the LAST that many tokens of a prompt
+(left truncation, as TRL does, so the generation prompt of a chat template survives).
+
 Layout: prompts are LEFT-padded, completions follow and are RIGHT-padded after their EOS, so in a
 (b, P+T) batch the completion of every row starts at column P. Position ids are always derived from the
 attention mask, so a padded row scores exactly like the same row alone.
@@ -15,7 +22,7 @@ attention mask, so a padded row scores exactly like the same row alone.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,10 +37,10 @@ class Rollout:
     attention_mask: torch.Tensor
     """(b, P+T) 1 on real tokens: the prompt and the completion up to and including EOS."""
     completion_mask: torch.Tensor
-    """(b, P+T) 1 on generated tokens up to and including EOS."""
+    """(b, P+T) 1 on generated tokens up to and including EOS (or the token that completes a stop string)."""
     prompts: list[str]
     completions: list[str]
-    """Decoded completions without special tokens."""
+    """Decoded completions without special tokens, each cut right after its first stop string."""
     logprobs: torch.Tensor
     """(b,) fp32 Σ log π_τ(y_t | ...) over the completion, recorded while sampling (no grad)."""
     entropy: torch.Tensor
@@ -143,6 +150,38 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=probs.shape[-1] - 1)
 
 
+def filter_probs(probs: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(b, V) `probs` with the tokens outside the top-k, then the nucleus, set to 0 (not renormalised:
+    `sample_inverse_cdf` scales by the total). top_k: the k most probable tokens (0 = all); top_p: the
+    fewest most probable tokens whose mass reaches top_p of what top-k kept (1 = all). Tokens tied with
+    the last one kept are kept too, so the result does not depend on how a sort orders ties."""
+    if 0 < top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]  # (b, 1)
+        probs = torch.where(probs >= kth, probs, 0.0)
+    if top_p < 1.0:
+        desc = probs.double().sort(dim=-1, descending=True).values  # (b, V)
+        before = desc.cumsum(-1) - desc  # (b, V) mass of the tokens ranked above
+        n = (before < top_p * desc.sum(-1, keepdim=True)).sum(-1, keepdim=True).clamp(min=1)  # (b, 1) nucleus size
+        cut = desc.gather(-1, n - 1).to(probs.dtype)  # (b, 1) probability of its last token
+        probs = torch.where(probs >= cut, probs, 0.0)
+    return probs
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to and including the stop string that ends first in it (unchanged without one)."""
+    ends = [i + len(s) for s in stop if (i := text.find(s)) >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def _stop_hits(tokenizer, tokens: list[torch.Tensor], rows: torch.Tensor, stop: Sequence[str]) -> list[int]:
+    """The `rows` whose completion so far (every token of which is real) holds a stop string."""
+    idx = rows.nonzero().squeeze(-1).tolist()
+    if not idx:
+        return []
+    texts = tokenizer.batch_decode(torch.stack(tokens, dim=1)[idx].tolist(), skip_special_tokens=True)
+    return [i for i, t in zip(idx, texts) if any(s in t for s in stop)]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -155,8 +194,16 @@ def generate(
     share_prefix: bool = True,
     row_offset: int = 0,
     all_done: Callable[[bool], bool] | None = None,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: Sequence[str] = (),
+    max_prompt_length: int | None = None,
+    special_tokens: bool | None = None,
 ) -> Rollout:
-    """Sample one completion per prompt at `temperature` (ancestral sampling, KV cache).
+    """Sample one completion per prompt at `temperature` (ancestral sampling, KV cache), drawn from the
+    top-k / top-p restriction of π_τ when those are set; `stop`, `max_prompt_length`: see the module
+    docstring. `special_tokens`: whether the tokenizer adds its special tokens (default: only to
+    prompts without a chat template, see `add_special_tokens`).
 
     A hand-written loop rather than `model.generate`: no global RNG, so runs and resumes are
     reproducible, and it records log π_τ and the entropy of each sampled token on the fly, saving a
@@ -175,9 +222,11 @@ def generate(
         return_tensors="pt",
         padding=True,
         padding_side="left",  # whatever the tokenizer's default
-        add_special_tokens=add_special_tokens(tokenizer),
+        add_special_tokens=add_special_tokens(tokenizer) if special_tokens is None else special_tokens,
     )
     ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)  # (b, P)
+    if max_prompt_length is not None:  # left-padded: the last columns hold every row's last tokens
+        ids, mask = ids[:, -max_prompt_length:], mask[:, -max_prompt_length:]
     b = ids.shape[0]
     eos = eos_ids(model, tokenizer).to(dev)
     pad = tokenizer.pad_token_id
@@ -198,7 +247,8 @@ def generate(
     for _ in range(max_new_tokens):
         logp = F.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (b, V)
         probs = logp.exp()
-        tok = sample_inverse_cdf(probs, u[:, len(tokens)])  # (b,)
+        draw = filter_probs(probs, top_k, top_p) if top_k or top_p < 1.0 else probs  # (b, V)
+        tok = sample_inverse_cdf(draw, u[:, len(tokens)])  # (b,)
         active = ~done
         logprob += torch.where(active, logp.gather(-1, tok[:, None]).squeeze(-1), 0.0)
         entropy += torch.where(active, -(probs * logp).sum(-1), 0.0)
@@ -206,6 +256,8 @@ def generate(
         tokens.append(tok)
         live.append(active)
         done = done | torch.isin(tok, eos)
+        if stop:
+            done[_stop_hits(tokenizer, tokens, active & ~done, stop)] = True
         if (all_done or bool)(bool(done.all())):
             break
         # Finished rows keep being fed (pad, masked later): a fixed batch keeps the cache simple.
@@ -219,6 +271,8 @@ def generate(
     gen = torch.stack(tokens, dim=1)  # (b, T)
     gen_mask = torch.stack(live, dim=1).to(mask.dtype)  # (b, T)
     texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(gen.cpu(), gen_mask.cpu())]
+    if stop:
+        texts = [cut_at_stop(t, stop) for t in texts]
     return Rollout(
         input_ids=torch.cat([ids, gen], dim=1),
         attention_mask=torch.cat([mask, gen_mask], dim=1),
@@ -228,6 +282,27 @@ def generate(
         logprobs=logprob,
         entropy=entropy,
     )
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    tokens: int
+    """Completion length in tokens (EOS or the stop string's last token included)."""
+
+
+def sample_replies(model, tokenizer, prompts: list[str], *, samples: int, batch_size: int, seed: int, **options):
+    """`samples` completions of every prompt, as a list (per prompt) of `Reply`s. Completion j of prompt
+    i is row i·samples + j of one seeded stream (see `generate`, which gets `options`), so the replies
+    do not depend on `batch_size`."""
+    rows = [p for p in prompts for _ in range(samples)]
+    out: list[Reply] = []
+    for start in range(0, len(rows), batch_size):
+        r = generate(
+            model, tokenizer, rows[start : start + batch_size], generator_seed=seed, row_offset=start, **options
+        )
+        out += [Reply(t, int(n)) for t, n in zip(r.completions, r.lengths.tolist())]
+    return [out[i : i + samples] for i in range(0, len(out), samples)]
 
 
 def sequence_logprobs(

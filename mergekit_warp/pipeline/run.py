@@ -121,19 +121,25 @@ def preflight(config_path: Path, cfg: PipelineConfig) -> Path:
         tok = load_tokenizer(sft)
         context = model_context(sft)
         check_reward(cfg.reward)
-        files: dict[Path, int] = {}
+        # per file: the most new tokens any use of it asks for, and the prompt-length limit every use
+        # applies (only RL training truncates prompts; evaluation reads them whole: None)
+        files: dict[Path, tuple[int, int | None]] = {}
+
+        def use(path: Path, new_tokens: int, limit: int | None) -> None:
+            n, lim = files.get(Path(path), (0, limit))
+            files[Path(path)] = (max(n, new_tokens), None if lim is None or limit is None else max(lim, limit))
+
         for rl in runs:
-            for path in (rl.prompts, rl.eval_prompts):
-                if path is not None:
-                    files[Path(path)] = max(files.get(Path(path), 0), rl.max_new_tokens)
+            use(rl.prompts, rl.max_new_tokens, rl.max_prompt_length)
+            if rl.eval_prompts is not None:
+                use(rl.eval_prompts, rl.max_new_tokens, None)
         if cfg.eval.enabled:
             settings = cfg.eval.resolved(cfg.rl)
-            heldout = cfg.prompts.heldout or cfg.prompts.train
-            files[heldout] = max(files.get(heldout, 0), settings.max_new_tokens)
-        for path, new_tokens in files.items():
+            use(cfg.prompts.heldout or cfg.prompts.train, settings.max_new_tokens, None)
+        for path, (new_tokens, limit) in files.items():
             prompts = read_prompts(path, tok)
             if context:
-                check_lengths(prompts, tok, context, new_tokens, path)
+                check_lengths(prompts, tok, context, new_tokens, path, limit)
     except WarpError as e:
         raise where(e) from None
     return sft
@@ -268,8 +274,15 @@ def _pareto_step(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path
         return (lay.eval / "summary.txt").read_text()
     log(f"{name}: Pareto evaluation of {cfg.iterations} iteration(s) on {cfg.eval_device}")
     manifest.start(name, "pareto", inputs, device=cfg.eval_device)
+
+    def progress(done: int, total: int) -> None:  # shown by `warp pipeline status`
+        manifest.steps[name].metrics = {"points_done": done, "points_total": total}
+        manifest.save()
+
     result = _guarded(
-        manifest, name, lambda: evaluate_run(lay.root, cfg=cfg, sft=sft, force=True, progress=log.enabled)
+        manifest,
+        name,
+        lambda: evaluate_run(lay.root, cfg=cfg, sft=sft, force=True, progress=log.enabled, on_point=progress),
     )
     manifest.finish(name, None, result.headline)
     return result.summary
@@ -285,6 +298,7 @@ def evaluate_run(
     force: bool = False,
     device: str | None = None,
     progress: bool = True,
+    on_point=None,
 ):
     """The Pareto evaluation of every finished iteration of run folder `run_dir` (`warp eval pareto`),
     with the run's own held-out prompts, reward and evaluation settings."""
@@ -327,6 +341,7 @@ def evaluate_run(
         device=device or cfg.eval_device,
         progress=progress,
         title=f"WARP Pareto front ({Path(cfg.init).name}, reward: {Path(cfg.reward).name}{penalty})",
+        on_point=on_point,
     )
 
 

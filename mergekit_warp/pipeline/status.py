@@ -26,8 +26,6 @@ def effective_status(step: Step | None, run_dir: Path) -> str:
         return "pending"
     if step.status == "running" and not pid_alive(step.pid):
         return "interrupted"
-    if step.status == "running" and step.kind == "rl":
-        return f"running (step {live_metrics(run_dir / step.name).get('step', 0)})"
     return step.status
 
 
@@ -43,60 +41,124 @@ def live_metrics(out: Path) -> dict:
     return {}
 
 
-def _metrics(step: Step | None, run_dir: Path) -> str:
-    if step is None:
-        return ""
-    m = step.metrics
-    if step.kind == "rl" and step.status == "running":
-        m = live_metrics(run_dir / step.name)
-    if not m:
-        return ""
+def _rl_steps(config: dict, name: str) -> int:
+    """T, the optimiser steps RL step `name` (iter_i/run_m) was configured with."""
+    from mergekit_warp.rl.config import RLConfig
+
+    m = int(name.rsplit("_", 1)[1])
+    per_run = config.get("per_run") or []
+    steps = {**(config.get("rl") or {}), **(per_run[m - 1] if m <= len(per_run) else {})}.get("steps")
+    return int(steps if steps is not None else RLConfig.model_fields["steps"].default)
+
+
+def _progress(step: Step, status: str, run_dir: Path, config: dict) -> tuple[str, float | None]:
+    """'step N/T' or 'point N/T' of a running step, and the seconds it still needs at its pace so far."""
+    if status != "running" or step.started is None:
+        return "", None
     if step.kind == "rl":
-        parts = []
-        for label, k in _RL_KEYS:
-            v = m.get(k)
-            if v is not None:
-                parts.append(f"{label} {v:.3g}" if isinstance(v, float) else f"{label} {v}")
-        return "  ".join(parts)
-    if step.kind == "pareto":
-        mi = m.get("merged_above_init", {})
-        return f"merged−SFT reward {mi.get('gain', float('nan')):+.4f}" if mi else ""
-    return ""
+        done, total = int(live_metrics(run_dir / step.name).get("step", 0)), _rl_steps(config, step.name)
+        unit = "step"
+    elif step.kind == "pareto" and "points_total" in step.metrics:
+        done, total, unit = step.metrics["points_done"], step.metrics["points_total"], "point"
+    else:
+        return "", None
+    elapsed = time.time() - step.started
+    eta = elapsed / done * (total - done) if done else None
+    return f"{unit} {done}/{total}", eta
 
 
-def status_table(run_dir: Path):
-    """A rich table of the run's steps (planned ones included)."""
-    from rich.table import Table
+def _metrics(step: Step | None, status: str, run_dir: Path) -> dict:
+    if step is None:
+        return {}
+    m = step.metrics
+    if step.kind == "rl" and status in ("running", "interrupted"):
+        m = live_metrics(run_dir / step.name)
+    if step.kind == "rl":
+        return {k: m[k] for _, k in _RL_KEYS if m.get(k) is not None}
+    if step.kind == "pareto" and m.get("merged_above_init"):
+        return {"merged_minus_sft_reward": m["merged_above_init"].get("gain")}
+    return {}
 
+
+def status_rows(run_dir: Path) -> dict:
+    """The run's state as data: the init and, per planned step, its kind, status, progress and ETA of a
+    running step, device, seconds, key metrics and error (`warp pipeline status --json`)."""
     run_dir = Path(run_dir)
     if not (run_dir / MANIFEST).is_file():
         raise WarpError(
             f"{run_dir} is not a pipeline run folder (no {MANIFEST}); pass the -o folder of `warp pipeline run`"
         )
     man = Manifest.load(run_dir)
-    t = Table(title=f"warp pipeline — {run_dir}")
+    first = man.steps.get("iter_1/run_1")
+    init_path = (first.inputs.get("init") or {}).get("path") if first else None
+    rows = []
+    for name, kind in planned_steps(man.config):
+        s = man.steps.get(name)
+        status = effective_status(s, run_dir)
+        progress, eta = _progress(s, status, run_dir, man.config) if s else ("", None)
+        seconds = (s.finished or time.time()) - s.started if s is not None and s.started else None
+        rows.append(
+            {
+                "step": name,
+                "kind": kind,
+                "status": status,
+                "progress": progress,
+                "eta_s": eta,
+                "device": (s.device if s else None) or "",
+                "seconds": seconds,
+                "metrics": _metrics(s, status, run_dir),
+                "error": s.error if s is not None and status == "failed" else None,
+            }
+        )
+    return {"run": str(run_dir.resolve()), "init": man.config.get("init"), "init_path": init_path, "steps": rows}
+
+
+_LABELS = {k: label for label, k in _RL_KEYS} | {"merged_minus_sft_reward": "merged−SFT reward"}
+
+
+def _show(k: str, v) -> str:
+    if k == "merged_minus_sft_reward":
+        return f"{_LABELS[k]} {v:+.4f}"
+    return f"{_LABELS.get(k, k)} {v:.3g}" if isinstance(v, float) else f"{_LABELS.get(k, k)} {v}"
+
+
+def status_table(run_dir: Path):
+    """A rich table of the run's steps (planned ones included)."""
+    from rich.table import Table
+
+    from mergekit_warp.progress import duration
+
+    data = status_rows(run_dir)
+    init = data["init"] if data["init_path"] in (None, data["init"]) else f"{data['init']} ({data['init_path']})"
+    t = Table(
+        title=f"warp pipeline — {data['run']}\ninit θ_sft: {init}",
+        caption="KL_init: KL to the iteration's own init (θ_sft in iteration 1, iter_{i−1}/liti after)",
+    )
     for col in ("step", "kind", "status", "device", "time", "metrics"):
         t.add_column(col)
     style = {"done": "green", "failed": "red", "interrupted": "yellow", "pending": "dim"}
-    for name, kind in planned_steps(man.config):
-        s = man.steps.get(name)
-        st = effective_status(s, run_dir)
-        dur = ""
-        if s is not None and s.started:
-            dur = f"{(s.finished or time.time()) - s.started:.0f}s"
-        err = f"  {s.error[:80]}" if s is not None and s.error and st == "failed" else ""
-        color = style.get(st.split()[0], "cyan")
-        t.add_row(
-            name, kind, f"[{color}]{st}[/{color}]", (s.device or "") if s else "", dur, _metrics(s, run_dir) + err
-        )
+    for r in data["steps"]:
+        status = r["status"]
+        if r["progress"]:
+            left = f", {duration(r['eta_s'])} left" if r["eta_s"] is not None else ""
+            status += f" ({r['progress']}{left})"
+        time_ = duration(r["seconds"]) if r["seconds"] is not None else ""
+        shown = "  ".join(_show(k, v) for k, v in r["metrics"].items())
+        if r["error"]:
+            shown += f"  {r['error'][:80]}"
+        color = style.get(r["status"], "cyan")
+        t.add_row(r["step"], r["kind"], f"[{color}]{status}[/{color}]", r["device"], time_, shown)
     return t
+
+
+def finished(run_dir: Path) -> bool:
+    """No step is running (for `--watch`)."""
+    return not any(r["status"] == "running" for r in status_rows(run_dir)["steps"])
 
 
 def counts(run_dir: Path) -> dict[str, int]:
     """How many planned steps are in each status (for scripts and tests)."""
-    man = Manifest.load(Path(run_dir))
     out: dict[str, int] = {}
-    for name, _ in planned_steps(man.config):
-        st = effective_status(man.steps.get(name), Path(run_dir)).split()[0]
-        out[st] = out.get(st, 0) + 1
+    for r in status_rows(run_dir)["steps"]:
+        out[r["status"]] = out.get(r["status"], 0) + 1
     return out

@@ -16,11 +16,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mergekit_warp.errors import WarpError, build
 
 
+def check_stop(v: Any) -> Any:
+    """Stop strings: one string means a list of it (`stop: "\\n"` in a config file); none may be empty."""
+    v = [v] if isinstance(v, str) else v
+    if isinstance(v, (list, tuple)) and any(s == "" for s in v):
+        raise ValueError("a stop string must not be empty")
+    return v
+
+
 class RLConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     model: str = Field(description="The SFT/init policy: an HF folder, a hub id or the builtin smollm2-135m-instruct.")
-    prompts: Path = Field(description='Training prompts, JSONL: one {"prompt": ...} or {"messages": [...]} per line.')
+    prompts: Path = Field(
+        description='Training prompts: JSONL with one {"prompt": ...} or {"messages": [...]} per line, or a '
+        "Parquet file / `datasets` save_to_disk folder with a prompt or messages column (needs pyarrow)."
+    )
     reward: str = Field(
         description="'sentiment' (VADER), 'module:function' or 'file.py:function' (runs that Python "
         "code: use only code you trust), or an HF 1-label reward model folder."
@@ -51,6 +62,31 @@ class RLConfig(BaseModel):
     warmup: int = Field(100, ge=0, description="Linear learning-rate warm-up, in optimiser steps.")
     steps: int = Field(9000, ge=1, description="Optimiser steps T.")
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Nucleus sampling: draw only from the most probable tokens whose mass reaches P (1 = off; "
+        "after --top-k). The log-probs of the loss and the KL stay those of the policy at the temperature over "
+        "the full vocabulary (as in TRL).",
+    )
+    top_k: int = Field(
+        0,
+        ge=0,
+        description="Draw only from the K most probable tokens (0 = off). The log-probs of the loss and the KL "
+        "stay those of the policy at the temperature over the full vocabulary (as in TRL).",
+    )
+    stop: Optional[list[str]] = Field(
+        None,
+        description="Stop string (repeat for several): a completion ends with the token that completes the first "
+        "one; that token is kept and scored like EOS, the text the reward sees ends with the stop string.",
+    )
+    max_prompt_length: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Longer prompts keep only their LAST N tokens (left truncation, as in TRL: a chat "
+        "template's generation prompt survives); the reward still sees the whole prompt. Default: no limit.",
+    )
     micro_batch: Optional[int] = Field(
         None,
         ge=1,
@@ -102,7 +138,7 @@ class RLConfig(BaseModel):
     )
     clip_grad: float = Field(1.0, ge=0, description="Clip the gradient's global L2 norm to this; 0 = no clipping.")
     eval_prompts: Optional[Path] = Field(
-        None, description="Held-out prompts (JSONL) for a periodic reward / KL-to-init estimate."
+        None, description="Held-out prompts (as --prompts) for a periodic reward / KL-to-init estimate."
     )
     eval_every: int = Field(
         0, ge=0, description="Evaluate on the held-out prompts every K steps (and at the end); 0 = only at the end."
@@ -120,6 +156,8 @@ class RLConfig(BaseModel):
             return short_name(v)
         except WarpError as e:
             raise ValueError(str(e).split(": ", 1)[-1]) from None
+
+    _stop = field_validator("stop", mode="before")(check_stop)
 
     @model_validator(mode="after")
     def _consistent(self) -> RLConfig:
@@ -154,6 +192,9 @@ class RLConfig(BaseModel):
         """JSON-ready dict of every option (paths as strings)."""
         return self.model_dump(mode="json")
 
+
+# Options added after the first release, with the value a run saved without them had.
+ADDED_OPTIONS = {"top_p": 1.0, "top_k": 0, "stop": None, "max_prompt_length": None}
 
 # Fields that may change between an interrupted run and its `--resume` without changing the result.
 RESUMABLE_CHANGES = frozenset(

@@ -327,6 +327,8 @@ def rl_cli_args(cfg) -> list[str]:
             continue
         if isinstance(v, bool):
             args.append(flag(name) if v else "--no-" + name.replace("_", "-"))
+        elif isinstance(v, (list, tuple)):  # a repeatable option: the flag once per value
+            args += [a for item in v for a in (flag(name), str(item))]
         else:
             args += [flag(name), str(v)]
     return args

@@ -41,7 +41,7 @@ from mergekit_warp.lm.rewards import RewardFn, describe_reward, load_reward, rew
 from mergekit_warp.lm.sampling import Rollout, generate, sequence_logprobs
 from mergekit_warp.progress import Steps, duration
 from mergekit_warp.rl import state as st
-from mergekit_warp.rl.config import RESUMABLE_CHANGES, RLConfig
+from mergekit_warp.rl.config import ADDED_OPTIONS, RESUMABLE_CHANGES, RLConfig
 from mergekit_warp.rl.objective import advantages, ema_update, lr_at, reinforce_loss, shaped_reward
 from mergekit_warp.rl.parallel import MasterWeights, Parallel
 
@@ -209,6 +209,10 @@ def rollout(run: Run) -> tuple[list[str], list[Rollout]]:
             texts[c : c + cfg.chunk],
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            stop=cfg.stop or (),
+            max_prompt_length=cfg.max_prompt_length,
             generator_seed=seed_of(cfg.seed, run.step),
             row_offset=mine.start * k + c,
             share_prefix=run.par.share_prefix(run.policy),
@@ -282,7 +286,7 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
     context = model_context(src)  # before any weights load: bad input fails in seconds
     for ps, path in ((prompts, cfg.prompts), (eval_prompts, cfg.eval_prompts)):
         if context and ps:
-            check_lengths(ps, tok, context, cfg.max_new_tokens, Path(path))
+            check_lengths(ps, tok, context, cfg.max_new_tokens, Path(path), cfg.max_prompt_length)
     reward_fn = load_reward(
         cfg.reward, par.device(cfg.device), cfg.length_penalty, tokenizer=tok, prepare=par.place if par.fsdp else None
     )
@@ -363,7 +367,7 @@ def _plan(cfg: RLConfig, out: Path, work: Path) -> str:
         if not (work / st.STATE).exists():
             shutil.rmtree(work)  # nothing resumable in it (a run stopped before its first state)
     if cfg.resume and work.exists():
-        saved = st.read_config(work)
+        saved = {**ADDED_OPTIONS, **st.read_config(work)}  # (state written before these options existed)
         diff = sorted(k for k, v in _comparable(cfg.as_dict()).items() if _comparable(saved).get(k) != v)
         if diff:
             raise WarpError(
@@ -539,7 +543,8 @@ def publish(run: Run, out: Path, stopped: str) -> Path:
             inputs["reward"] = reward_inputs(cfg.reward)[0]
         notes = [
             f"stopped by {stopped}; {run.step} optimiser steps",
-            f"log-probs (loss and KL) use the sampling temperature {cfg.temperature}",
+            f"log-probs (loss and KL) use the sampling temperature {cfg.temperature} over the full vocabulary "
+            f"(top-p {cfg.top_p} and top-k {cfg.top_k or 'off'} only restrict the draws)",
             f"anchor: {cfg.anchor} (fp32), baseline: {cfg.baseline}, seed: {cfg.seed}",
         ]
         if par.world_size > 1:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from mergekit_warp.merge.engine import Combine
 
 PARAMS = (
-    Param("eta", 0.3, raw=True, help="η, or a per-layer list; η > 1 extrapolates."),
+    Param("eta", 0.3, raw=True, help="η, or a per-layer list (interpolated over the blocks); η > 1 extrapolates."),
     Param("eta_nonblock", None, raw=True, help="η for embeddings, final norm and head (default: the list's mean)."),
 )
 

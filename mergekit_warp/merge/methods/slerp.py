@@ -26,7 +26,12 @@ DOT_THRESHOLD = 0.9995  # mergekit's "colinear": above it, the full-weight SLERP
 NORM_EPS = 1e-8  # mergekit normalises a tensor only when its norm exceeds this
 
 PARAMS = (
-    Param("lambda", 0.5, raw=True, help="With --init (WARP): interpolation λ, or a per-layer list (two models only)."),
+    Param(
+        "lambda",
+        0.5,
+        raw=True,
+        help="With --init (WARP): λ, or a per-layer list interpolated over the blocks (two models only).",
+    ),
     Param(
         "lambda_nonblock",
         None,
