@@ -153,6 +153,9 @@ def test_rl_cli_args_round_trip(monkeypatch, tmp_path):
         progress=False,
         resume=True,
         seed=7,
+        stop=["\n", "END"],  # a repeatable option: the flag once per value
+        top_k=5,
+        max_prompt_length=64,
     )
     seen = []
     monkeypatch.setattr(train_mod, "train", lambda c: seen.append(c) or c.out)

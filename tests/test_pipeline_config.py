@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_fixtures import pipe_init, write_config  # noqa: F401  (fixture)
+from pipeline_fixtures import RL, pipe_init, write_config  # noqa: F401  (fixture)
 from typer.testing import CliRunner
 
 from mergekit_warp.cli import app
@@ -119,3 +120,26 @@ def test_missing_init_leaves_no_run_folder(tmp_path, pipe_init):
     r = _run(cfg, "-o", tmp_path / "run")
     assert r.exit_code == 2 and "no_such_model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_preflight_counts_prompts_as_the_rl_runs_truncate_them(tmp_path, pipe_init):
+    """A training prompt longer than the context passes when `rl.max_prompt_length` truncates it; the
+    held-out prompts are read whole by the evaluation, so a long one there is still refused."""
+    from mergekit_warp.pipeline.run import preflight
+
+    long = " ".join(["good"] * 200)  # 200 tokens; the tiny model's context is 128
+    rl = dict(RL, max_prompt_length=16)
+    cfg_path = write_config(tmp_path, pipe_init, rl=rl)
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": long}) + "\n")
+    assert preflight(cfg_path, load_config(cfg_path)) is not None
+    cfg_path = write_config(tmp_path, pipe_init, rl=dict(RL))
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": long}) + "\n")
+    with pytest.raises(WarpError, match=r"train\.jsonl:13: prompt of 200 tokens"):
+        preflight(cfg_path, load_config(cfg_path))
+    cfg_path = write_config(tmp_path, pipe_init, rl=rl)
+    with open(tmp_path / "heldout.jsonl", "a") as f:
+        f.write(json.dumps({"prompt": long}) + "\n")
+    with pytest.raises(WarpError, match=r"heldout\.jsonl:9: prompt of 200 tokens"):
+        preflight(cfg_path, load_config(cfg_path))
