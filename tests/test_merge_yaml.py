@@ -17,6 +17,7 @@ from tiny import load_state, make_tokenizer, tiny_config
 from typer.testing import CliRunner
 
 from mergekit_warp.cli import app
+from mergekit_warp.errors import WarpError
 from mergekit_warp.merge import api, config_yaml
 from mergekit_warp.merge.methods.base import depth, evaluate
 
@@ -82,6 +83,19 @@ def test_written_config_reproduces_the_merge_bit_for_bit(tiny_runs, tmp_path):
     assert json.loads((out / "warp_provenance.json").read_text())["params"]["mergekit_config"] == config_yaml.FILE
     again = api.merge_yaml(out / config_yaml.FILE, tmp_path / "again", progress=False)
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_output_holding_the_config_is_refused(tiny_runs, tmp_path):
+    """The YAML is an input like the models: an -o that contains it (replaced with --force) would delete it."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    cfg = folder / "c.yml"
+    models = [{"model": str(p), "parameters": {"weight": 1}} for p in tiny_runs[:2]]
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": models}))
+    for force in (False, True):
+        with pytest.raises(WarpError, match=r"contains the input .*c\.yml"):
+            api.merge_yaml(cfg, folder, force=force, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["c.yml"]
 
 
 def test_warp_slerp_writes_no_mergekit_config(tiny_init, tiny_runs, tmp_path):

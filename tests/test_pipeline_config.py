@@ -143,3 +143,9 @@ def test_preflight_counts_prompts_as_the_rl_runs_truncate_them(tmp_path, pipe_in
         f.write(json.dumps({"prompt": long}) + "\n")
     with pytest.raises(WarpError, match=r"heldout\.jsonl:9: prompt of 200 tokens"):
         preflight(cfg_path, load_config(cfg_path))
+
+
+def test_relative_paths_are_tidied(tmp_path, pipe_init):
+    (tmp_path / "x").mkdir()
+    cfg = load_config(write_config(tmp_path, pipe_init, prompts={"train": "x/../train.jsonl", "heldout": None}))
+    assert cfg.prompts.train == tmp_path.absolute() / "train.jsonl"

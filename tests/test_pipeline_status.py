@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+import pytest
 from typer.testing import CliRunner
 
 from mergekit_warp.cli import app
@@ -65,3 +66,29 @@ def test_dead_process_is_interrupted_and_json_and_watch(tmp_path):
     assert w.exit_code == 0 and "interrupted" in w.stdout and "KL_init" in w.stdout  # nothing running: returns
     bad = CliRunner().invoke(app, ["pipeline", "status", str(tmp_path / "nope"), "--json"])
     assert bad.exit_code == 2 and "not a pipeline run folder" in bad.stderr
+
+
+def test_ctrl_c_marks_the_step_interrupted_not_failed(tmp_path):
+    from mergekit_warp.pipeline.run import _guarded
+
+    man = Manifest(tmp_path, CONFIG, "h")
+    man.start("iter_1/run_1", "rl", {})
+
+    def stop():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _guarded(man, "iter_1/run_1", stop)
+    s = Manifest.load(tmp_path).steps["iter_1/run_1"]
+    assert s.status == "interrupted" and s.error is None
+
+
+def test_ctrl_c_leaves_a_watch_quietly(tmp_path, monkeypatch):
+    run = _run_dir(tmp_path, rl_running=True)  # a live step: the watch would go on
+
+    def ctrl_c(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", ctrl_c)
+    r = CliRunner().invoke(app, ["pipeline", "status", str(run), "--watch"])
+    assert r.exit_code == 0 and r.stderr == "" and "running" in r.stdout

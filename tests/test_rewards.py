@@ -21,3 +21,10 @@ def test_unrelated_name_names_the_forms():
     with pytest.raises(WarpError, match=r"not a builtin reward .*module:function") as e:
         load_reward("qqqq")
     assert "did you mean" not in str(e.value)
+
+
+def test_reward_returning_strings_names_the_element(tmp_path):
+    (tmp_path / "r.py").write_text("def strs(prompts, completions):\n    return ['x' for _ in completions]\n")
+    fn = load_reward(f"{tmp_path / 'r.py'}:strs")
+    with pytest.raises(WarpError, match=r"returned 'x' \(str\) for completion 0; it must return one float"):
+        fn(["p"], ["c"])

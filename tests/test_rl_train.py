@@ -259,6 +259,8 @@ def test_resume_is_bit_identical(tiny_init, files, tmp_path, monkeypatch):
     strip = lambda ms: [{k: v for k, v in m.items() if "time" not in k and "per_s" not in k} for m in ms]  # noqa: E731
     assert strip(metrics(full)) == strip(metrics(out))
     assert train(cfg(tiny_init, files, out, resume=True, **kw)) == out  # finished: resume is a no-op
+    with pytest.raises(WarpError, match="finished run made with other options \\(--beta, --lr\\)"):
+        train(cfg(tiny_init, files, out, resume=True, **{**kw, "beta": 0.5, "lr": 0.5}))  # …unless it is another run
 
 
 def _no_pad_model(folder):
@@ -464,6 +466,7 @@ def test_cli_maps_options_to_rlconfig(monkeypatch, tmp_path):
         "--dtype",
         "bf16",
         "--resume",
+        "-q",
     ]
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 0, res.output
@@ -485,6 +488,7 @@ def test_cli_maps_options_to_rlconfig(monkeypatch, tmp_path):
         "grad_checkpointing": True,
         "dtype": "bf16",
         "resume": True,
+        "progress": False,
     }
     got = dict(c)
     assert str(got.pop("prompts")) == "p.jsonl" and str(got.pop("eval_prompts")) == "e.jsonl"

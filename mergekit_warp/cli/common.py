@@ -52,8 +52,8 @@ def options_from(
         flag = "--" + name.replace("_", "-")
         decls = (short or {}).get(name, [flag])
         kind = f.annotation
-        if kind is bool:
-            decls = [f"{flag}/--no-{name.replace('_', '-')}"]
+        if kind is bool:  # `short` adds switches, e.g. " /-q" for the off one
+            decls = [f"{flag}/--no-{name.replace('_', '-')}", *(short or {}).get(name, [])]
         elif typing.get_origin(kind) is typing.Literal:
             kind = str  # choices are checked (and named in the error) by the model
         required = f.is_required()

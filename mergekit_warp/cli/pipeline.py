@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +31,16 @@ def register(app: typer.Typer) -> None:
         from mergekit_warp.pipeline.run import run_pipeline
 
         with user_errors():
-            result = run_pipeline(config, out, resume=resume, progress=not quiet)
+            try:
+                result = run_pipeline(config, out, resume=resume, progress=not quiet)
+            except KeyboardInterrupt:
+                where = out or Path("runs") / Path(config).stem
+                print(
+                    f"interrupted: the finished steps stay in {where}; run the same command with --resume to "
+                    "continue (an interrupted RL run goes on from its last saved state)",
+                    file=sys.stderr,
+                )
+                raise typer.Exit(130) from None
         if result.summary:
             print(result.summary)
         print(result.final)
@@ -59,9 +69,12 @@ def register(app: typer.Typer) -> None:
             if not watch:
                 Console().print(status_table(run_dir))
                 return
-            with Live(status_table(run_dir), auto_refresh=False) as live:
-                while not finished(run_dir):
-                    time.sleep(every)
-                    live.update(status_table(run_dir), refresh=True)
+            try:
+                with Live(status_table(run_dir), auto_refresh=False) as live:
+                    while not finished(run_dir):
+                        time.sleep(every)
+                        live.update(status_table(run_dir), refresh=True)
+            except KeyboardInterrupt:  # the way to leave a watch: nothing to report
+                return
 
     app.add_typer(pipe, name="pipeline")

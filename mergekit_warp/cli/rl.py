@@ -26,7 +26,9 @@ def register(app: typer.Typer) -> None:
             if launch.is_rank_zero():
                 print(out)
 
-    with_parameters(rl_cmd, options_from(RLConfig, short={"out": ["-o", "--out"]}) + launch.cli_parameters())
+    with_parameters(
+        rl_cmd, options_from(RLConfig, short={"out": ["-o", "--out"], "progress": [" /-q"]}) + launch.cli_parameters()
+    )
     rl_cmd.__doc__ = (
         "REINFORCE on a KL-regularised reward with an EMA anchor (WARP's RL stage). "
         "Writes OUT/ (policy, anchor/, metrics.jsonl, checkpoints/) atomically; resumable state lives in OUT.partial/."

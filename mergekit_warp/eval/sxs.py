@@ -357,7 +357,7 @@ def _compare(
             "b": b[i],
             **({"score_a": ra[i], "score_b": rb[i]} if ra is not None else {}),
             "margin": margins[i],
-            "score": r.scores[i],
+            "score": r.scores[i] + 0.0,  # no −0.0
             "verdict": verdict(r.scores[i]),
         }
         for i in range(len(a))

@@ -42,15 +42,21 @@ SUPPORT_FILES = (
 )
 
 
+def tidy_path(path: Path | str) -> Path:
+    """`path` made absolute, `..` and `.` folded away where that names the same place (`link/..` is not
+    always the link's own folder)."""
+    path = Path(path).absolute()
+    tidy = Path(os.path.normpath(path))
+    return tidy if tidy.resolve() == path.resolve() else path
+
+
 def check_disjoint(out: Path, inputs: Iterable[Path | str] = ()) -> Path:
     """Refuse an output path that would write into, or (replaced) delete, something the command reads:
     `out` must not be an input, lie inside one, or contain one, symlinks resolved (a link to an input
     counts as the input). `inputs`: checkpoints, prompt and reward files, configs; missing ones are
     skipped. Returns `out` made absolute, `..` and `.` folded away where that names the same place."""
-    out = Path(out).absolute()
+    out = tidy_path(out)
     real = out.resolve()
-    tidy = Path(os.path.normpath(out))
-    out = tidy if tidy.resolve() == real else out  # `link/..` is not always the link's own folder
     for src in inputs:
         src = Path(src).absolute()
         if not os.path.lexists(src):

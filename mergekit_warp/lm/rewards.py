@@ -117,9 +117,18 @@ def validated(fn: RewardFn, name: str, length_penalty: float = 0.0, tokenizer=No
         except Exception as e:
             raise WarpError(f"reward {name} raised {type(e).__name__}: {e}") from None
         try:
-            values = [float(v) for v in (out.tolist() if hasattr(out, "tolist") else out)]
-        except (TypeError, ValueError):
+            items = list(out.tolist() if hasattr(out, "tolist") else out)
+        except TypeError:
             raise WarpError(f"reward {name} returned {type(out).__name__}; it must return a list of floats") from None
+        for i, v in enumerate(items):
+            try:
+                float(v)
+            except (TypeError, ValueError):
+                raise WarpError(
+                    f"reward {name} returned {v!r:.40} ({type(v).__name__}) for completion {i}; it must return "
+                    "one float per completion"
+                ) from None
+        values = [float(v) for v in items]
         if len(values) != len(completions):
             raise WarpError(f"reward {name} returned {len(values)} values for {len(completions)} completions")
         bad = [i for i, v in enumerate(values) if not math.isfinite(v)]

@@ -50,13 +50,15 @@ def merge(
     progress: bool = True,
     chunk: int = CHUNK,
     record: dict[str, Any] | None = None,
+    read_too: Sequence[PathLike] = (),
 ) -> Path:
     """Merge `models` (with `base`, the init, where the method takes one) by the registered `method`
     into `out`: check the parameters (`params`: the top-level ones, `model_params`: one mapping per
     model, as in mergekit's YAML), resolve and preflight the inputs, refuse an output that overlaps
     them, then stream every tensor through the method's `Combine` into an atomically published folder
     with provenance. The reference input (key set, non-float tensors, default dtype, support files) is
-    `base` when given, else the first model. `record`: extra provenance (e.g. the YAML it came from)."""
+    `base` when given, else the first model. `record`: extra provenance (e.g. the YAML it came from); `read_too`: other files the merge was
+    read from (the YAML), protected like the inputs."""
     if method not in REGISTRY:
         raise WarpError(f"unknown merge method {method!r}; choose one of {', '.join(REGISTRY)}")
     m = REGISTRY[method]
@@ -71,11 +73,12 @@ def merge(
     with ExitStack() as stack:
         readers = [stack.enter_context(CheckpointReader(resolve_source(s, revision))) for s in specs]
         paths = [r.source.path for r in readers]
+        guarded = [*paths, *map(Path, read_too)]
         settings = Settings(top, per_model, count_layers(readers[0].names))
         notes = validate(m, settings, len(models), base is not None, readers[0].names)
-        out = check_disjoint(Path(out), paths)  # before the lock file is made beside it
+        out = check_disjoint(Path(out), guarded)  # before the lock file is made beside it
         stack.enter_context(claim(out))
-        check_output_path(out, paths, force)
+        check_output_path(out, guarded, force)
         notes += preflight(readers)
         bar = Bytes(progress)
         combine = m.build(readers, settings, Context(dev, chunk, bar, has_base=base is not None, seed=seed))
@@ -96,7 +99,7 @@ def merge(
             "revision": revision,
             **(record or {}),
         }
-        with publishing(out, paths, force) as tmp:
+        with publishing(out, guarded, force) as tmp:
             files = write_pass(
                 readers,
                 0,
@@ -149,6 +152,7 @@ def merge_yaml(config: PathLike, out: PathLike, **common: Any) -> Path:
         model_params=plan.model_params,
         seed=plan.seed,
         record={"mergekit_yaml_as_given": str(config)},
+        read_too=[config],
         **common,
     )
 

@@ -243,8 +243,10 @@ def _check_rl_keys(path: Path, cfg: PipelineConfig) -> None:
 
 
 def _resolve_paths(base: Path, cfg: PipelineConfig) -> PipelineConfig:
+    from mergekit_warp.io.publish import tidy_path
+
     def rel(p: Path | None) -> Path | None:
-        return None if p is None else (p if p.is_absolute() else base / p)
+        return None if p is None else (p if p.is_absolute() else tidy_path(base / p))
 
     prompts = cfg.prompts.model_copy(update={"train": rel(cfg.prompts.train), "heldout": rel(cfg.prompts.heldout)})
     return cfg.model_copy(
@@ -260,5 +262,7 @@ def _rel_spec(base: Path, spec: str) -> str:
         head, sep, tail = spec, "", ""
     p = Path(head).expanduser()
     if not p.is_absolute() and (base / p).exists():
-        return str(base / p) + sep + tail
+        from mergekit_warp.io.publish import tidy_path
+
+        return str(tidy_path(base / p)) + sep + tail
     return spec

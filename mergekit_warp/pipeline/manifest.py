@@ -22,7 +22,7 @@ from mergekit_warp.io.atomic import write_atomic
 from mergekit_warp.io.publish import PROVENANCE, fingerprint
 from mergekit_warp.pipeline.layout import MANIFEST
 
-Status = Literal["pending", "running", "done", "failed"]
+Status = Literal["pending", "running", "done", "failed", "interrupted"]
 
 
 def output_hash(path: Path) -> str:
@@ -145,6 +145,12 @@ class Manifest:
     def fail(self, name: str, error: str) -> None:
         s = self.steps[name]
         s.status, s.finished, s.error = "failed", time.time(), error
+        self.save()
+
+    def interrupt(self, name: str) -> None:
+        """Ctrl-C or SIGTERM stopped the step: not a failure; `--resume` continues it."""
+        s = self.steps[name]
+        s.status, s.finished, s.error = "interrupted", time.time(), None
         self.save()
 
     def is_done(self, name: str, inputs: dict[str, Path]) -> bool:

@@ -400,9 +400,12 @@ def _rl_config(cfg: PipelineConfig, i: int, m: int, init: Path, out: Path, *, re
 
 
 def _guarded(manifest: Manifest, name: str, fn):
-    """Run fn; on failure record it in the manifest and re-raise (Ctrl-C included)."""
+    """Run fn; on failure record it in the manifest and re-raise (an interruption as such)."""
     try:
         return fn()
+    except KeyboardInterrupt:
+        manifest.interrupt(name)
+        raise
     except BaseException as e:
         manifest.fail(name, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
         raise

@@ -18,6 +18,7 @@ depend on how the batch is split, and every rank takes the Adam step of the glob
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -358,6 +359,13 @@ def _plan(cfg: RLConfig, out: Path, work: Path) -> str:
     if cfg.resume and out.exists():
         prov = out / PROVENANCE
         if prov.is_file() and f'"method": "{METHOD}"' in prov.read_text(errors="replace"):
+            diff = _differing(cfg, _recorded_options(prov))
+            if diff:
+                raise WarpError(
+                    f"--resume: {out} is a finished run made with other options "
+                    f"({', '.join('--' + d.replace('_', '-') for d in diff)}); choose another -o, or drop "
+                    "--resume and pass --force to replace it"
+                )
             if work.exists():  # killed between publishing OUT and removing the work folder
                 shutil.rmtree(work, ignore_errors=True)
             return "done"
@@ -367,8 +375,7 @@ def _plan(cfg: RLConfig, out: Path, work: Path) -> str:
         if not (work / st.STATE).exists():
             shutil.rmtree(work)  # nothing resumable in it (a run stopped before its first state)
     if cfg.resume and work.exists():
-        saved = {**ADDED_OPTIONS, **st.read_config(work)}  # (state written before these options existed)
-        diff = sorted(k for k, v in _comparable(cfg.as_dict()).items() if _comparable(saved).get(k) != v)
+        diff = _differing(cfg, st.read_config(work))
         if diff:
             raise WarpError(
                 f"--resume: options {', '.join('--' + d.replace('_', '-') for d in diff)} differ from "
@@ -379,6 +386,22 @@ def _plan(cfg: RLConfig, out: Path, work: Path) -> str:
     if work.exists() and not cfg.force and not cfg.resume:
         raise WarpError(f"an interrupted run is in {work}; pass --resume to continue it or --force to restart")
     return "start"
+
+
+def _differing(cfg: RLConfig, saved: dict) -> list[str]:
+    """The options of `cfg` that differ from those a run was `saved` with (changes a resume cannot
+    take), options added since that run counting at their defaults."""
+    saved = {**ADDED_OPTIONS, **saved}
+    return sorted(k for k, v in _comparable(cfg.as_dict()).items() if _comparable(saved).get(k) != v)
+
+
+def _recorded_options(prov: Path) -> dict:
+    """The `warp rl` options a finished output's provenance records."""
+    try:
+        params = json.loads(prov.read_text()).get("params", {})
+    except (OSError, ValueError, AttributeError):
+        raise WarpError(f"--resume: {prov} is damaged; choose another -o, or pass --force to replace it") from None
+    return {k: v for k, v in params.items() if k in RLConfig.model_fields}
 
 
 def _comparable(d: dict) -> dict:
