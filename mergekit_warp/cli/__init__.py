@@ -11,6 +11,7 @@ from mergekit_warp.cli import pipeline as pipeline_cli
 from mergekit_warp.cli import rl as rl_cli
 
 app = typer.Typer(
+    rich_markup_mode=None,
     help="WARP: RL fine-tuning with EMA anchors, SLERP of task vectors and LITI, on a streaming merge engine.",
     no_args_is_help=True,
     add_completion=False,
@@ -63,6 +64,9 @@ def main() -> None:
     except Exception as e:
         if not hasattr(e, "format_message"):  # not click's (typer's) own usage/parameter error
             raise
+        if type(e).__name__.startswith("NoArgsIsHelp"):  # a bare group: its help, as `--help` prints it
+            print(e.format_message())
+            sys.exit(getattr(e, "exit_code", 2))
         ctx, msg = getattr(e, "ctx", None), " ".join(e.format_message().split())
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         if msg:  # click's "no arguments: here is the help" has printed the help and carries no message

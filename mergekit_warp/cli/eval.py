@@ -29,6 +29,7 @@ class _ScoreByDefault(TyperGroup):
 
 
 eval_app = typer.Typer(
+    rich_markup_mode=None,
     cls=_ScoreByDefault,
     no_args_is_help=True,
     help="Evaluate policies: `warp eval CKPT… --init SFT --prompts P --reward R` (reward and KL), "

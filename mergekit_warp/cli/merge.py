@@ -13,7 +13,9 @@ from mergekit_warp.cli.common import user_errors
 from mergekit_warp.errors import WarpError
 from mergekit_warp.merge.methods.base import REQUIRED
 
-merge_app = typer.Typer(help="Merge checkpoints (streaming; output is an HF folder).", no_args_is_help=True)
+merge_app = typer.Typer(
+    rich_markup_mode=None, help="Merge checkpoints (streaming; output is an HF folder).", no_args_is_help=True
+)
 
 OUT = typer.Option(..., "-o", "--out", help="Output folder (must not exist unless --force).")
 DTYPE = typer.Option(None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: as the init stores it).")

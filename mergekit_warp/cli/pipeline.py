@@ -14,6 +14,7 @@ from mergekit_warp.cli.common import user_errors
 def register(app: typer.Typer) -> None:
     """Add `warp pipeline run` and `warp pipeline status` to the top-level app."""
     pipe = typer.Typer(
+        rich_markup_mode=None,
         help="The WARP loop: M RL runs → SLERP → LITI, for I iterations, then the Pareto evaluation.",
         no_args_is_help=True,
     )
