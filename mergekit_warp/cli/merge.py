@@ -29,6 +29,13 @@ REVISION = typer.Option(None, "--revision", help="Hub revision for inputs given 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
+def _output_options(dtype, max_shard_size, device, force, revision, quiet) -> dict:
+    """The output, device and input options every merge command passes on to the library."""
+    return dict(
+        dtype=dtype, max_shard_size=max_shard_size, device=device, force=force, revision=revision, progress=not quiet
+    )
+
+
 def parse_values(option: str, text: str | None) -> float | list[float] | None:
     """'0.5' → 0.5; '0.2,0.5,0.8' → [0.2, 0.5, 0.8] (a per-layer schedule)."""
     if text is None:
@@ -82,9 +89,7 @@ def slerp_cmd(
     --init of the full weights of two models, one angle per tensor (mergekit's slerp)."""
     from mergekit_warp.merge import api
 
-    common = dict(
-        dtype=dtype, max_shard_size=max_shard_size, device=device, force=force, revision=revision, progress=not quiet
-    )
+    common = _output_options(dtype, max_shard_size, device, force, revision, quiet)
     with user_errors():
         if init is None:
             params = {"t": 0.5 if t is None else t}
@@ -131,12 +136,7 @@ def lerp_cmd(
                 out,
                 weights=None if w is None else (w if isinstance(w, list) else [w]),
                 init=None if init is None else str(init),
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                device=device,
-                force=force,
-                revision=revision,
-                progress=not quiet,
+                **_output_options(dtype, max_shard_size, device, force, revision, quiet),
             )
         )
 
@@ -162,12 +162,7 @@ def ema_cmd(
                 [str(c) for c in checkpoints],
                 out,
                 mu=mu,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                device=device,
-                force=force,
-                revision=revision,
-                progress=not quiet,
+                **_output_options(dtype, max_shard_size, device, force, revision, quiet),
             )
         )
 
@@ -196,18 +191,7 @@ def yaml_cmd(
     from mergekit_warp.merge import api
 
     with user_errors():
-        print(
-            api.merge_yaml(
-                config,
-                out,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                device=device,
-                force=force,
-                revision=revision,
-                progress=not quiet,
-            )
-        )
+        print(api.merge_yaml(config, out, **_output_options(dtype, max_shard_size, device, force, revision, quiet)))
 
 
 def liti_cmd(
@@ -241,12 +225,7 @@ def liti_cmd(
                 out,
                 eta=_value("--eta", eta),
                 eta_nonblock=eta_nonblock,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                device=device,
-                force=force,
-                revision=revision,
-                progress=not quiet,
+                **_output_options(dtype, max_shard_size, device, force, revision, quiet),
             )
         )
 
@@ -359,12 +338,9 @@ def method_command(m):
                     params=top,
                     model_params=per_model if any(per_model) else None,
                     seed=o.get("seed", 0),
-                    dtype=o["dtype"],
-                    max_shard_size=o["max_shard_size"],
-                    device=o["device"],
-                    force=o["force"],
-                    revision=o["revision"],
-                    progress=not o["quiet"],
+                    **_output_options(
+                        *(o[k] for k in ("dtype", "max_shard_size", "device", "force", "revision", "quiet"))
+                    ),
                 )
             )
 

@@ -61,20 +61,22 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.live import Live
 
-        from mergekit_warp.pipeline.status import finished, status_rows, status_table
+        from mergekit_warp.pipeline.status import status_rows, status_table
 
         with user_errors():
+            data = status_rows(run_dir)
             if as_json:
-                print(json.dumps(status_rows(run_dir), indent=1))
+                print(json.dumps(data, indent=1))
                 return
             if not watch:
-                Console().print(status_table(run_dir))
+                Console().print(status_table(data))
                 return
             try:
-                with Live(status_table(run_dir), auto_refresh=False) as live:
-                    while not finished(run_dir):
+                with Live(status_table(data), auto_refresh=False) as live:
+                    while any(r["status"] == "running" for r in data["steps"]):
                         time.sleep(every)
-                        live.update(status_table(run_dir), refresh=True)
+                        data = status_rows(run_dir)
+                        live.update(status_table(data), refresh=True)
             except KeyboardInterrupt:  # the way to leave a watch: nothing to report
                 return
 

@@ -35,7 +35,7 @@ from mergekit_warp import __version__
 from mergekit_warp.errors import WarpError
 from mergekit_warp.eval.settings import EvalSettings, Recipe
 from mergekit_warp.io.atomic import claim
-from mergekit_warp.io.publish import check_disjoint, check_output_path, fingerprint, publishing
+from mergekit_warp.io.publish import check_disjoint, check_output_path, describe_inputs, publishing
 from mergekit_warp.io.reader import CheckpointReader
 from mergekit_warp.io.source import resolve_source
 from mergekit_warp.lm.heldout import Samples, mean_se, sample_and_score
@@ -228,20 +228,13 @@ def compute_and_publish(
 
 
 def provenance(roles: dict[str, Path | str | list]) -> dict[str, Any]:
-    """Tool, version, command line, time, and each input with its resolved path and content hash."""
-
-    def describe(p: Path | str) -> dict[str, str]:
-        p = Path(p)
-        return {"path": str(p.resolve()), "hash": fingerprint(p) if p.exists() else "missing"}
-
+    """Tool, version, command line, time, and each input with its resolved path and header hash."""
     return {
         "tool": "mergekit-warp",
         "version": __version__,
         "command": sys.argv,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "inputs": {
-            role: [describe(p) for p in v] if isinstance(v, (list, tuple)) else describe(v) for role, v in roles.items()
-        },
+        "inputs": describe_inputs(roles),
     }
 
 

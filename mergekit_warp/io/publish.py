@@ -131,6 +131,18 @@ def fingerprint(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def describe_inputs(inputs: dict[str, Path | str | list]) -> dict[str, Any]:
+    """Each input of each role (a path or a list of paths) as its resolved path and `fingerprint`."""
+
+    def describe(p: Path | str) -> dict[str, str]:
+        p = Path(p)
+        return {"path": str(p.resolve()), "hash": fingerprint(p) if p.exists() else "missing"}
+
+    return {
+        role: [describe(p) for p in v] if isinstance(v, (list, tuple)) else describe(v) for role, v in inputs.items()
+    }
+
+
 def write_provenance(
     folder: Path, method: str, params: dict[str, Any], inputs: dict[str, Path | str | list], notes: list[str] = ()
 ) -> dict[str, Any]:
@@ -139,20 +151,12 @@ def write_provenance(
     `inputs` maps a role ("init", "models", "policy", ...) to a path (or list of paths); each is
     recorded with its resolved path and `fingerprint`.
     """
-
-    def describe(p: Path | str) -> dict[str, str]:
-        p = Path(p)
-        return {"path": str(p.resolve()), "hash": fingerprint(p) if p.exists() else "missing"}
-
     record = {
         "tool": "mergekit-warp",
         "version": __version__,
         "method": method,
         "params": params,
-        "inputs": {
-            role: [describe(p) for p in v] if isinstance(v, (list, tuple)) else describe(v)
-            for role, v in inputs.items()
-        },
+        "inputs": describe_inputs(inputs),
         "notes": list(notes),
         "command": sys.argv,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

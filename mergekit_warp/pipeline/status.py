@@ -51,15 +51,15 @@ def _rl_steps(config: dict, name: str) -> int:
     return int(steps if steps is not None else RLConfig.model_fields["steps"].default)
 
 
-def _progress(step: Step, status: str, run_dir: Path, config: dict) -> tuple[str, float | None]:
-    """'step N/T' or 'point N/T' of a running step, and the seconds it still needs at its pace so far."""
+def _progress(step: Step, status: str, m: dict, config: dict) -> tuple[str, float | None]:
+    """'step N/T' or 'point N/T' of a running step (`m`: its metrics), and the seconds it still needs at
+    its pace so far."""
     if status != "running" or step.started is None:
         return "", None
     if step.kind == "rl":
-        done, total = int(live_metrics(run_dir / step.name).get("step", 0)), _rl_steps(config, step.name)
-        unit = "step"
-    elif step.kind == "pareto" and "points_total" in step.metrics:
-        done, total, unit = step.metrics["points_done"], step.metrics["points_total"], "point"
+        done, total, unit = int(m.get("step", 0)), _rl_steps(config, step.name), "step"
+    elif step.kind == "pareto" and "points_total" in m:
+        done, total, unit = m["points_done"], m["points_total"], "point"
     else:
         return "", None
     elapsed = time.time() - step.started
@@ -68,11 +68,18 @@ def _progress(step: Step, status: str, run_dir: Path, config: dict) -> tuple[str
 
 
 def _metrics(step: Step | None, status: str, run_dir: Path) -> dict:
+    """The step's metrics: an unfinished RL run's from its own log, else the manifest's."""
     if step is None:
         return {}
-    m = step.metrics
     if step.kind == "rl" and status in ("running", "interrupted"):
-        m = live_metrics(run_dir / step.name)
+        return live_metrics(run_dir / step.name)
+    return step.metrics
+
+
+def _shown(step: Step | None, m: dict) -> dict:
+    """The key metrics of a step, by name."""
+    if step is None:
+        return {}
     if step.kind == "rl":
         return {k: m[k] for _, k in _RL_KEYS if m.get(k) is not None}
     if step.kind == "pareto" and m.get("merged_above_init"):
@@ -95,7 +102,8 @@ def status_rows(run_dir: Path) -> dict:
     for name, kind in planned_steps(man.config):
         s = man.steps.get(name)
         status = effective_status(s, run_dir)
-        progress, eta = _progress(s, status, run_dir, man.config) if s else ("", None)
+        m = _metrics(s, status, run_dir)
+        progress, eta = _progress(s, status, m, man.config) if s else ("", None)
         seconds = (s.finished or time.time()) - s.started if s is not None and s.started else None
         rows.append(
             {
@@ -106,7 +114,7 @@ def status_rows(run_dir: Path) -> dict:
                 "eta_s": eta,
                 "device": (s.device if s else None) or "",
                 "seconds": seconds,
-                "metrics": _metrics(s, status, run_dir),
+                "metrics": _shown(s, m),
                 "error": s.error if s is not None and status == "failed" else None,
             }
         )
@@ -122,13 +130,12 @@ def _show(k: str, v) -> str:
     return f"{_LABELS.get(k, k)} {v:.3g}" if isinstance(v, float) else f"{_LABELS.get(k, k)} {v}"
 
 
-def status_table(run_dir: Path):
-    """A rich table of the run's steps (planned ones included)."""
+def status_table(data: dict):
+    """A rich table of a run's `status_rows`."""
     from rich.table import Table
 
     from mergekit_warp.progress import duration
 
-    data = status_rows(run_dir)
     init = data["init"] if data["init_path"] in (None, data["init"]) else f"{data['init']} ({data['init_path']})"
     t = Table(
         title=f"warp pipeline — {data['run']}\ninit θ_sft: {init}",
@@ -149,11 +156,6 @@ def status_table(run_dir: Path):
         color = style.get(r["status"], "cyan")
         t.add_row(r["step"], r["kind"], f"[{color}]{status}[/{color}]", r["device"], time_, shown)
     return t
-
-
-def finished(run_dir: Path) -> bool:
-    """No step is running (for `--watch`)."""
-    return not any(r["status"] == "running" for r in status_rows(run_dir)["steps"])
 
 
 def counts(run_dir: Path) -> dict[str, int]:

@@ -49,15 +49,11 @@ def write_hf(model, src: Path, folder: Path, state_dict: dict | None = None) -> 
     kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}  # HF pops from it: copy
     with quiet_transformers():  # no "Writing model shards" bar for every checkpoint
         model.save_pretrained(folder, **kwargs)  # after the copy: config.json must describe the saved dtype
-    mode = 0o666 & ~_umask()  # transformers may write the weights through a private (0600) temporary file
+    # transformers may write the weights through a private (0600) temporary file: give them the mode of
+    # the config.json it wrote beside them with a plain open() (the process's umask, read without setting it)
+    mode = (Path(folder) / "config.json").stat().st_mode & 0o777
     for f in Path(folder).glob("*.safetensors*"):
         os.chmod(f, mode)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_checkpoint(model, src: Path, folder: Path, step: int, params: dict, state_dict: dict | None = None) -> None:
