@@ -292,3 +292,122 @@ def test_overflow_is_reported(tiny_init, tiny_runs, tmp_path):
     with pytest.raises(WarpError, match="overflowed"):
         api.liti(tiny_runs[0], tiny_init, tmp_path / "m", eta=1e7, dtype="fp16", progress=False)
     assert not (tmp_path / "m").exists()
+
+
+# ---- one read pass: units held in memory, or streamed twice when over the budget -----------------------
+
+HELD_CASES = [
+    ("slerp", {"lambda": 0.3}, None),
+    ("ties", {"density": 0.4, "weight": 1.0}, None),
+    ("dare_ties", {"density": 0.6, "rescale": True, "weight": 1.0}, None),
+    ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1, "weight": 1.0}, None),
+    ("model_stock", {}, None),
+    ("multislerp", {}, [{"weight": 1.0}, {"weight": 2.0}]),
+    ("nuslerp", {"nuslerp_row_wise": True}, [{"weight": 1.0}, {"weight": 2.0}]),
+    ("linear", {}, [{"weight": 1.0}, {"weight": 2.0}]),
+]
+
+
+@pytest.mark.parametrize(("method", "params", "per"), HELD_CASES, ids=[c[0] for c in HELD_CASES])
+def test_held_and_streamed_units_give_the_same_bytes(tiny_init, tiny_runs, tmp_path, method, params, per):
+    """Every unit held in memory (the default budget) against every unit streamed in small chunks with
+    the statistics pass read from disk (a 1-byte budget)."""
+    base = None if method == "linear" else tiny_init
+    runs = {
+        name: load_state(
+            api.merge(
+                method,
+                tiny_runs[:2],
+                tmp_path / name,
+                base=base,
+                params=params,
+                model_params=per,
+                progress=False,
+                chunk=64,
+                memory_budget=budget,
+            )
+        )
+        for name, budget in (("held", "2GB"), ("streamed", 0))
+    }
+    assert runs["held"].keys() == runs["streamed"].keys()
+    for k, v in runs["held"].items():
+        assert torch.equal(v, runs["streamed"][k]), k
+
+
+def _bytes_read(monkeypatch) -> dict[str, int]:
+    """Count the bytes `pread` returns per file name (the reader's only way to the data)."""
+    import os
+
+    from mergekit_warp.io import reader
+
+    counts: dict[str, int] = {}
+    real = os.preadv
+    names: dict[int, str] = {}
+    real_open = os.open
+
+    def opened(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        names[fd] = str(path)
+        return fd
+
+    def preadv(fd, buffers, offset):
+        n = real(fd, buffers, offset)
+        counts[names.get(fd, "?")] = counts.get(names.get(fd, "?"), 0) + n
+        return n
+
+    monkeypatch.setattr(reader.os, "preadv", preadv)
+    monkeypatch.setattr(reader.os, "open", opened)
+    return counts
+
+
+@pytest.mark.parametrize("budget", ["2GB", "0"])
+def test_slerp_reads_every_input_byte_once_when_blocks_fit(tiny_init, tiny_runs, tmp_path, monkeypatch, budget):
+    from mergekit_warp.io.reader import CheckpointReader
+    from mergekit_warp.io.source import resolve_source
+
+    counts = _bytes_read(monkeypatch)
+    api.slerp(tiny_runs[:2], tiny_init, tmp_path / "m", progress=False, memory_budget=budget, chunk=64)
+    data = sum(CheckpointReader(resolve_source(p)).total_bytes for p in [tiny_init, *tiny_runs[:2]])
+    read = sum(n for f, n in counts.items() if f.endswith(".safetensors"))
+    if budget == "0":  # the angle pass and the write pass each read the blocks
+        assert read > 1.5 * data
+    else:
+        assert read == data
+
+
+def test_memory_budget_must_be_a_size(tiny_init, tiny_runs, tmp_path):
+    from mergekit_warp.errors import WarpError
+
+    with pytest.raises(WarpError, match="--memory-budget"):
+        api.slerp(tiny_runs[:2], tiny_init, tmp_path / "m", progress=False, memory_budget="lots")
+    assert not (tmp_path / "m").exists()
+
+
+def test_no_method_writes_into_the_inputs_it_holds(tiny_init, tiny_runs, tmp_path, monkeypatch):
+    """Held tensors are served as views (fp32 here: `.float()` would not copy): each must still equal
+    the file when it is released, for every method."""
+    from mergekit_warp.io.reader import CheckpointReader
+    from mergekit_warp.merge.methods import REGISTRY
+
+    checked = []
+    real = CheckpointReader.release
+
+    def release(self, name):
+        held = self.held.get(name)
+        if held is not None:
+            self.held.pop(name)
+            assert torch.equal(held, self.read(name)), f"{name} of {self.source.spec} was modified"
+            checked.append(name)
+        real(self, name)
+
+    monkeypatch.setattr(CheckpointReader, "release", release)
+    params = {"weight": 1.0, "density": 0.5, "epsilon": 0.1, "t": 0.3}
+    for name, m in REGISTRY.items():
+        keys = {p.name for p in m.params}
+        top = {k: v for k, v in params.items() if k in keys}
+        base = tiny_init if m.base == "required" else None
+        models = tiny_runs[:1] if name == "liti" else tiny_runs[:2]
+        if name == "liti":
+            base = tiny_init
+        api.merge(name, models, tmp_path / name, base=base, params=top, progress=False, chunk=64)
+    assert len(checked) > 100

@@ -171,6 +171,10 @@ CASES = {
         lambda i, r, b: ["merge", "slerp", r[0], r[1], "--init", i, "--max-shard-size", "lots"],
         ["--max-shard-size"],
     ),
+    "bad memory budget": (
+        lambda i, r, b: ["merge", "ties", r[0], r[1], "--base", i, "--weight", "1", "--memory-budget", "-1GB"],
+        ["--memory-budget"],
+    ),
 }
 
 

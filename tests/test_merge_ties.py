@@ -526,3 +526,43 @@ def test_cli_bad_input_exits_2_and_writes_nothing(case, tiny_init, tiny_runs, tm
 def test_catalogue_loads_without_torch():
     code = "import sys, mergekit_warp.cli; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+# ---- the selection of magnitude thresholds, against a sort --------------------------------------------
+
+
+def _kth_by_sort(x: torch.Tensor, ks: list[int]) -> list[float]:
+    s = x.sort(descending=True).values
+    return [float("inf") if k <= 0 else float(s[min(k, x.numel()) - 1]) for k in ks]
+
+
+@pytest.mark.parametrize("data", ["normal", "zeros_heavy", "few_values", "sorted", "one"])
+@pytest.mark.parametrize("chunk", [1000, 1 << 20])
+def test_kth_largest_equals_a_sort(data, chunk):
+    from mergekit_warp.merge import select
+
+    g = torch.Generator().manual_seed(3)
+    n = 1 if data == "one" else 200_003
+    x = torch.randn(n, generator=g).abs()
+    if data == "zeros_heavy":  # most elements unchanged (an RL fine-tune in bf16): ties at 0
+        x[torch.rand(n, generator=g) < 0.7] = 0
+    if data == "few_values":
+        x = torch.randint(0, 5, (n,), generator=g).float()
+    if data == "sorted":  # the strided sample sees a monotone sequence
+        x = x.sort().values
+    ks = [0, 1, 2, n // 10, n // 2, n - 1, n, n + 5]
+    got = select.kth_largest(lambda a, b: x[a:b].clone(), n, ks, chunk, 64 << 20)
+    assert got == _kth_by_sort(x, ks)
+
+
+def test_kth_largest_falls_back_to_radix_when_the_bracket_misses(monkeypatch):
+    from mergekit_warp.merge import select
+
+    x = torch.randn(50_000, generator=torch.Generator().manual_seed(4)).abs()
+    monkeypatch.setattr(select, "_bracket", lambda sample, numel, k: (10.0, 11.0))  # holds nothing
+    calls = []
+    real = select._radix
+    monkeypatch.setattr(select, "_radix", lambda *a: calls.append(a) or real(*a))
+    ks = [7, 25_000]
+    assert select.kth_largest(lambda a, b: x[a:b].clone(), x.numel(), ks, 4096, 1 << 30) == _kth_by_sort(x, ks)
+    assert calls

@@ -8,6 +8,7 @@ from mergekit_warp.cli import eval as eval_cli
 from mergekit_warp.cli import generate as generate_cli
 from mergekit_warp.cli import merge as merge_cli
 from mergekit_warp.cli import pipeline as pipeline_cli
+from mergekit_warp.cli import push as push_cli
 from mergekit_warp.cli import rl as rl_cli
 
 app = typer.Typer(
@@ -42,6 +43,7 @@ rl_cli.register(app)
 pipeline_cli.register(app)
 eval_cli.register(app)
 generate_cli.register(app)
+push_cli.register(app)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
+from mergekit_warp import trackers
 from mergekit_warp.cli.common import user_errors, with_parameters
 from mergekit_warp.errors import WarpError, build
 from mergekit_warp.eval.settings import EvalSettings
@@ -78,6 +79,26 @@ def _given(o: dict) -> dict:
 
 
 QUIET = _param("quiet", bool, typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."))
+REPORT_HELP = (
+    "Also send the results to these experiment trackers: tensorboard, wandb, trackio, mlflow "
+    "(repeat or comma-separate; each needs its extra)."
+)
+REPORT = _param("report_to", Optional[list[str]], typer.Option(None, "--report-to", help=REPORT_HELP))
+
+
+def _report(given, name: str, config: dict, rows: list[dict], files: list[Path]) -> None:
+    """One tracker run `name`: row k of `rows` logged at step k, then `files` as artifacts."""
+    tracker = trackers.open_run(given, name=name, config=config)
+    if tracker is None:
+        return
+    with tracker:
+        for k, row in enumerate(rows):
+            tracker.log(row, k)
+        for f in files:
+            if f.is_file():
+                tracker.artifact(f)
+
+
 FORCE = _param("force", bool, typer.Option(False, "--force", help="Replace an existing output folder."))
 
 
@@ -94,6 +115,7 @@ def score_cmd(**o) -> None:
     from mergekit_warp.eval.settings import make_recipe
 
     with user_errors():
+        trackers.check(o["report_to"])
         recipe = make_recipe(
             like=o["like"],
             init=o["init"],
@@ -109,6 +131,16 @@ def score_cmd(**o) -> None:
     Console(file=stream, width=None if stream.isatty() else 200).print(table)
     if ev.out is not None:
         print(ev.out)
+    _report(
+        o["report_to"],
+        "eval-score",
+        {"recipe": recipe.describe(), "checkpoints": [str(c) for c in o["checkpoints"]]},
+        [
+            {"reward": x.reward, "reward_se": x.reward_se, "kl": x.kl, "kl_se": x.kl_se, "length": x.length}
+            for x in ev.scores
+        ],
+        [ev.out / f for f in ("scores.csv", "scores.json")] if ev.out is not None else [],
+    )
 
 
 def sxs_cmd(**o) -> None:
@@ -118,6 +150,7 @@ def sxs_cmd(**o) -> None:
     from mergekit_warp.eval.sxs import SPREADS, sxs
 
     with user_errors():
+        trackers.check(o["report_to"])
         t = None if o["thresholds"].strip() == "auto" else tuple(_floats(o["thresholds"], "--thresholds"))
         settings = build(EvalSettings, _given(o))
         r = sxs(
@@ -141,6 +174,13 @@ def sxs_cmd(**o) -> None:
     print(f"judge spread σ = {r.spread:.4g}; common random numbers: {'yes' if r.crn else 'no'} ({r.crn_note})")
     if r.out is not None:
         print(r.out)
+    _report(
+        o["report_to"],
+        "eval-sxs",
+        {"a": str(o["a"]), "b": str(o["b"]), "judge": str(o["judge"]), **settings.model_dump(mode="json")},
+        [{"sxs": r.mean, "ci_low": r.ci_low, "ci_high": r.ci_high, "wins": r.wins, "ties": r.ties, "losses": r.losses}],
+        [r.out / "sxs.json"] if r.out is not None else [],
+    )
 
 
 @eval_app.command("pareto")
@@ -152,17 +192,27 @@ def pareto_cmd(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default RUN_DIR/eval)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
     device: Optional[str] = typer.Option(None, help="Default: the config's first device."),
+    report_to: Optional[list[str]] = typer.Option(None, "--report-to", help=REPORT_HELP),
 ) -> None:
     """KL–reward front of every iteration (RL runs, SLERP, LITI sweep): pareto.csv, pareto.png, summary."""
     from mergekit_warp.pipeline.run import evaluate_run
 
     with user_errors():
+        trackers.check(report_to)
         result = evaluate_run(
             run_dir, etas=_floats(etas, "--etas") if etas else None, out=out, force=force, device=device
         )
     print(result.summary)
     print(result.csv)
     print(result.png)
+    folder = Path(result.csv).parent
+    _report(
+        report_to,
+        "eval-pareto",
+        {"run_dir": str(run_dir)},
+        [result.headline],
+        [folder / f for f in ("summary.txt", "summary.json", "pareto.csv", "pareto.png")],
+    )
 
 
 eval_app.command("score")(
@@ -233,6 +283,7 @@ eval_app.command("score")(
                 ),
             ),
             QUIET,
+            REPORT,
             *_sampling(like=True),
         ],
     )
@@ -280,6 +331,7 @@ eval_app.command("sxs")(
             FORCE,
             _param("device", str, typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")),
             QUIET,
+            REPORT,
             *_sampling(like=False, skip=("length_penalty",)),
         ],
     )

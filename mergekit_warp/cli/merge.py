@@ -23,16 +23,43 @@ DTYPE_FIRST = typer.Option(
     None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: as the first checkpoint stores it)."
 )
 SHARD = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")
+MEMORY = typer.Option(
+    "2GB",
+    "--memory-budget",
+    help="Input bytes held in memory at once: each transformer block (or tensor) that fits half of it is "
+    "read from disk once, the next one while this one is merged; larger ones are streamed in chunks "
+    "(0: stream everything).",
+)
 DEVICE = typer.Option("cpu", "--device", help="Where the math runs: cpu or cuda.")
 FORCE = typer.Option(False, "--force", help="Replace an existing output folder.")
 REVISION = typer.Option(None, "--revision", help="Hub revision for inputs given as hub ids.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
-def _output_options(dtype, max_shard_size, device, force, revision, quiet) -> dict:
+PUSH = typer.Option(
+    None, "--push-to-hub", help="Then upload the output to this hub model repo (as `warp push OUT REPO_ID`)."
+)
+
+
+def _done(push_to_hub: str | None, out) -> None:
+    """Print the output folder; with --push-to-hub, upload it and print the commit URL."""
+    print(out)
+    if push_to_hub:
+        from mergekit_warp.io.hub import push
+
+        print(push(out, push_to_hub))
+
+
+def _output_options(dtype, max_shard_size, device, force, revision, quiet, memory_budget) -> dict:
     """The output, device and input options every merge command passes on to the library."""
     return dict(
-        dtype=dtype, max_shard_size=max_shard_size, device=device, force=force, revision=revision, progress=not quiet
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        device=device,
+        force=force,
+        revision=revision,
+        progress=not quiet,
+        memory_budget=memory_budget,
     )
 
 
@@ -80,6 +107,8 @@ def slerp_cmd(
     t: Optional[float] = typer.Option(None, "--t", help="Without --init: 0 gives the first model, 1 the second (0.5)."),
     dtype: str = DTYPE,
     max_shard_size: str = SHARD,
+    memory_budget: str = MEMORY,
+    push_to_hub: Optional[str] = PUSH,
     device: str = DEVICE,
     force: bool = FORCE,
     revision: str = REVISION,
@@ -89,15 +118,16 @@ def slerp_cmd(
     --init of the full weights of two models, one angle per tensor (mergekit's slerp)."""
     from mergekit_warp.merge import api
 
-    common = _output_options(dtype, max_shard_size, device, force, revision, quiet)
+    common = _output_options(dtype, max_shard_size, device, force, revision, quiet, memory_budget)
     with user_errors():
         if init is None:
             params = {"t": 0.5 if t is None else t}
-            print(api.merge("slerp", [str(m) for m in models], out, params=params, **common))
+            _done(push_to_hub, api.merge("slerp", [str(m) for m in models], out, params=params, **common))
             return
         if t is not None:
             raise WarpError("--t is the full-weight SLERP's parameter; with --init use --lambda")
-        print(
+        _done(
+            push_to_hub,
             api.slerp(
                 [str(m) for m in models],
                 str(init),
@@ -106,7 +136,7 @@ def slerp_cmd(
                 lam_nonblock=lam_nonblock,
                 granularity=granularity,
                 **common,
-            )
+            ),
         )
 
 
@@ -120,6 +150,8 @@ def lerp_cmd(
         None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: as --init, else the first model, stores it)."
     ),
     max_shard_size: str = SHARD,
+    memory_budget: str = MEMORY,
+    push_to_hub: Optional[str] = PUSH,
     device: str = DEVICE,
     force: bool = FORCE,
     revision: str = REVISION,
@@ -130,14 +162,15 @@ def lerp_cmd(
 
     with user_errors():
         w = parse_values("--weights", weights)
-        print(
+        _done(
+            push_to_hub,
             api.lerp(
                 [str(m) for m in models],
                 out,
                 weights=None if w is None else (w if isinstance(w, list) else [w]),
                 init=None if init is None else str(init),
-                **_output_options(dtype, max_shard_size, device, force, revision, quiet),
-            )
+                **_output_options(dtype, max_shard_size, device, force, revision, quiet, memory_budget),
+            ),
         )
 
 
@@ -148,6 +181,8 @@ def ema_cmd(
     mu: float = typer.Option(0.01, "--mu", help="EMA rate μ: θ ← (1 − μ)·θ + μ·θ_t."),
     dtype: str = DTYPE_FIRST,
     max_shard_size: str = SHARD,
+    memory_budget: str = MEMORY,
+    push_to_hub: Optional[str] = PUSH,
     device: str = DEVICE,
     force: bool = FORCE,
     revision: str = REVISION,
@@ -157,13 +192,14 @@ def ema_cmd(
     from mergekit_warp.merge import api
 
     with user_errors():
-        print(
+        _done(
+            push_to_hub,
             api.ema(
                 [str(c) for c in checkpoints],
                 out,
                 mu=mu,
-                **_output_options(dtype, max_shard_size, device, force, revision, quiet),
-            )
+                **_output_options(dtype, max_shard_size, device, force, revision, quiet, memory_budget),
+            ),
         )
 
 
@@ -181,6 +217,8 @@ def yaml_cmd(
         help="Output dtype (default: the config's out_dtype/dtype, else as the reference input stores it).",
     ),
     max_shard_size: str = SHARD,
+    memory_budget: str = MEMORY,
+    push_to_hub: Optional[str] = PUSH,
     device: str = DEVICE,
     force: bool = FORCE,
     revision: Optional[str] = REVISION,
@@ -191,7 +229,12 @@ def yaml_cmd(
     from mergekit_warp.merge import api
 
     with user_errors():
-        print(api.merge_yaml(config, out, **_output_options(dtype, max_shard_size, device, force, revision, quiet)))
+        _done(
+            push_to_hub,
+            api.merge_yaml(
+                config, out, **_output_options(dtype, max_shard_size, device, force, revision, quiet, memory_budget)
+            ),
+        )
 
 
 def liti_cmd(
@@ -209,6 +252,8 @@ def liti_cmd(
     ),
     dtype: str = DTYPE,
     max_shard_size: str = SHARD,
+    memory_budget: str = MEMORY,
+    push_to_hub: Optional[str] = PUSH,
     device: str = DEVICE,
     force: bool = FORCE,
     revision: str = REVISION,
@@ -218,15 +263,16 @@ def liti_cmd(
     from mergekit_warp.merge import api
 
     with user_errors():
-        print(
+        _done(
+            push_to_hub,
             api.liti(
                 str(merged),
                 str(init),
                 out,
                 eta=_value("--eta", eta),
                 eta_nonblock=eta_nonblock,
-                **_output_options(dtype, max_shard_size, device, force, revision, quiet),
-            )
+                **_output_options(dtype, max_shard_size, device, force, revision, quiet, memory_budget),
+            ),
         )
 
 
@@ -329,7 +375,8 @@ def method_command(m):
                 else:
                     top[p.name] = values[0] if len(values) == 1 else values
             base = o.get("base")
-            print(
+            _done(
+                o["push_to_hub"],
                 api.merge(
                     m.name,
                     [str(x) for x in o["models"]],
@@ -339,9 +386,20 @@ def method_command(m):
                     model_params=per_model if any(per_model) else None,
                     seed=o.get("seed", 0),
                     **_output_options(
-                        *(o[k] for k in ("dtype", "max_shard_size", "device", "force", "revision", "quiet"))
+                        *(
+                            o[k]
+                            for k in (
+                                "dtype",
+                                "max_shard_size",
+                                "device",
+                                "force",
+                                "revision",
+                                "quiet",
+                                "memory_budget",
+                            )
+                        )
                     ),
-                )
+                ),
             )
 
     def param(name: str, annotation, default) -> inspect.Parameter:
@@ -388,6 +446,8 @@ def method_command(m):
     params += [
         param("dtype", Optional[str], DTYPE),
         param("max_shard_size", str, SHARD),
+        param("memory_budget", str, MEMORY),
+        param("push_to_hub", Optional[str], PUSH),
         param("device", str, DEVICE),
         param("force", bool, FORCE),
         param("revision", Optional[str], REVISION),

@@ -162,24 +162,30 @@ def write_provenance(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (Path(folder) / PROVENANCE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    lines = [
+    lines = card_lines(record)
+    (Path(folder) / "README.md").write_text("\n".join(lines))
+    return record
+
+
+def card_lines(record: dict[str, Any]) -> list[str]:
+    """The model card (README.md) of an output, from its provenance record."""
+    method, params, notes = record["method"], record.get("params", {}), record.get("notes", [])
+    return [
         "---",
         "library_name: transformers",
         "tags: [mergekit-warp, warp, " + method + "]",
         "---",
-        f"# {method} — made with mergekit-warp {__version__}",
+        f"# {method} — made with mergekit-warp {record.get('version', '')}",
         "",
         f"Method: `{method}`. Parameters: " + ", ".join(f"`{k}={v}`" for k, v in params.items()) + ".",
         "",
         "Inputs:",
         *[
             f"- {role}: " + ", ".join(f"`{d['path']}`" for d in (v if isinstance(v, list) else [v]))
-            for role, v in record["inputs"].items()
+            for role, v in record.get("inputs", {}).items()
         ],
         *([""] + [f"Note: {n}" for n in notes] if notes else []),
         "",
         f"Full provenance (hashes, command line): `{PROVENANCE}`.",
         "",
     ]
-    (Path(folder) / "README.md").write_text("\n".join(lines))
-    return record

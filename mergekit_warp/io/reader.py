@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,9 @@ class CheckpointReader:
         if not self.infos:
             raise WarpError(f"{source.spec}: the checkpoint holds no tensors")
         self._fds: dict[Path, int] = {}
+        self._open_lock = threading.Lock()
+        self.held: dict[str, torch.Tensor] = {}
+        """Tensors read whole ahead of time (`hold`), served from memory until `release`."""
 
     @property
     def names(self) -> list[str]:
@@ -199,27 +203,47 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements [start, stop) of tensor `name`, flattened, in its stored dtype (CPU)."""
+    def read(self, name: str, start: int = 0, stop: int | None = None, into: memoryview | None = None) -> torch.Tensor:
+        """Elements [start, stop) of tensor `name`, flattened, in its stored dtype (CPU). A held tensor
+        is served from memory as a view, which the caller must not modify; `into`: the buffer to read
+        into (exactly the bytes of the range), else a new one."""
         info = self.infos[name]
         stop = info.numel if stop is None else stop
+        held = self.held.get(name)
+        if held is not None:
+            return held[start:stop]
         item = info.dtype.itemsize
         want = (stop - start) * item
-        buf = bytearray(want)
+        if want == 0:
+            return torch.empty(0, dtype=info.dtype)
+        out = torch.empty(want, dtype=torch.uint8) if into is None else None  # not zero-filled
+        view = memoryview(out.numpy()) if out is not None else into
+        assert view is not None and view.nbytes == want
         fd = self._fds.get(info.file)
         if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        view, pos, got = memoryview(buf), info.offset + start * item, 0
+            with self._open_lock:  # `hold` may run on a read-ahead thread
+                fd = self._fds.get(info.file)
+                if fd is None:
+                    fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        pos, got = info.offset + start * item, 0
         while got < want:  # pread may return short counts on large reads
             n = os.preadv(fd, [view[got:]], pos + got)
             if n <= 0:
                 raise WarpError(f"{info.file}: truncated while reading tensor {name}; re-download or re-save it")
             got += n
-        if want == 0:
-            return torch.empty(0, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype)
+        return (out if out is not None else torch.frombuffer(into, dtype=torch.uint8)).view(info.dtype)
+
+    def hold(self, name: str, into: memoryview | None = None) -> None:
+        """Read tensor `name` whole into memory (into `into` when given); later reads of it are views of
+        that copy: one disk read for a method that passes over a tensor twice (statistics, then output)."""
+        if name not in self.held:
+            self.held[name] = self.read(name, into=into)
+
+    def release(self, name: str) -> None:
+        self.held.pop(name, None)
 
     def close(self) -> None:
+        self.held.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

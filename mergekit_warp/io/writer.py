@@ -36,17 +36,17 @@ _UNITS = {
 }
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, option: str = "--max-shard-size", zero: bool = False) -> int:
     """'5GB' → 5·10⁹ bytes (HF's convention), '500MiB' → 500·2²⁰, 12345 → 12345."""
     if isinstance(text, int):
         size = text
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
         if not m or m.group(2).upper() not in _UNITS:
-            raise WarpError(f"--max-shard-size {text!r}: not a size; use e.g. 5GB, 500MB or 2GiB")
+            raise WarpError(f"{option} {text!r}: not a size; use e.g. 5GB, 500MB or 2GiB")
         size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    if size <= 0:
-        raise WarpError(f"--max-shard-size {text!r}: must be positive")
+    if size < 0 or (size == 0 and not zero):
+        raise WarpError(f"{option} {text!r}: must be positive")
     return size
 
 
@@ -169,6 +169,13 @@ class BackgroundWriter:
                     self.writer.write(*item)
                 except BaseException as e:  # re-raised in the caller's thread
                     self._error = e
+            self._queue.task_done()
+
+    def drain(self) -> None:
+        """Wait until every chunk handed over so far is written (its memory may then be reused)."""
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         if self._error is not None:

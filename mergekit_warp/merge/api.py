@@ -24,7 +24,7 @@ from mergekit_warp.io.reader import CheckpointReader
 from mergekit_warp.io.source import resolve_source
 from mergekit_warp.io.writer import parse_size
 from mergekit_warp.merge import config_yaml
-from mergekit_warp.merge.engine import CHUNK, finish_folder, gram_pass, write_pass
+from mergekit_warp.merge.engine import BUDGET, CHUNK, finish_folder, gram_pass, write_pass
 from mergekit_warp.merge.methods import REGISTRY
 from mergekit_warp.merge.methods.base import REQUIRED, Context, Settings, validate
 from mergekit_warp.merge.plan import check_granularity, count_layers, group_names, layer_index
@@ -49,6 +49,7 @@ def merge(
     revision: str | None = None,
     progress: bool = True,
     chunk: int = CHUNK,
+    memory_budget: str | int = BUDGET,
     record: dict[str, Any] | None = None,
     read_too: Sequence[PathLike] = (),
 ) -> Path:
@@ -58,7 +59,8 @@ def merge(
     them, then stream every tensor through the method's `Combine` into an atomically published folder
     with provenance. The reference input (key set, non-float tensors, default dtype, support files) is
     `base` when given, else the first model. `record`: extra provenance (e.g. the YAML it came from); `read_too`: other files the merge was
-    read from (the YAML), protected like the inputs."""
+    read from (the YAML), protected like the inputs. `memory_budget`: bytes of inputs held in memory at
+    once (see merge/engine.py)."""
     if method not in REGISTRY:
         raise WarpError(f"unknown merge method {method!r}; choose one of {', '.join(REGISTRY)}")
     m = REGISTRY[method]
@@ -69,6 +71,7 @@ def merge(
     top = {k: v for k, v in (params or {}).items() if v is not None}
     per_model = tuple(dict(p) for p in (model_params or ()))
     out_dtype, dev, shard = parse_dtype(dtype) if dtype else None, resolve_device(device), parse_size(max_shard_size)
+    budget = parse_size(memory_budget, "--memory-budget", zero=True)
     specs = ([base] if base is not None else []) + list(models)
     with ExitStack() as stack:
         readers = [stack.enter_context(CheckpointReader(resolve_source(s, revision))) for s in specs]
@@ -81,7 +84,7 @@ def merge(
         check_output_path(out, guarded, force)
         notes += preflight(readers)
         bar = Bytes(progress)
-        combine = m.build(readers, settings, Context(dev, chunk, bar, has_base=base is not None, seed=seed))
+        combine = m.build(readers, settings, Context(dev, chunk, has_base=base is not None, seed=seed))
         n_base = 1 if base is not None else 0
         roles: dict[str, Any] = {m.roles[1]: paths[n_base:]}
         if base is not None:
@@ -111,6 +114,8 @@ def merge(
                 chunk=chunk,
                 progress=bar,
                 rows=m.rows,
+                groups=m.groups(settings, readers[0].names, base is not None) if m.groups else None,
+                budget=budget,
             )
             finish_folder(tmp, readers[0].source.folder, out_dtype)
             if readers[0].source.folder is None:

@@ -4,9 +4,16 @@ Every method is a `Combine`: given a tensor name and a way to fetch the same ele
 tensor from each input (stored dtype, on the math device), return the output elements in fp32. The
 loop walks the reference input's tensors in file order, each in chunks of `chunk` elements, fetches,
 combines, casts once to the output dtype and hands the chunk to the shard writer (on a thread, so the
-disk write overlaps the next chunk's math). Memory is bounded by a few chunks, not by a tensor, a
-block or the model. Methods that need an angle per group of tensors (SLERP, inspect)
-first run `gram_pass`, which accumulates the Gram matrix of each group in fp64, also chunk by chunk.
+disk write overlaps the next chunk's math).
+
+Memory and reads: the loop goes unit by unit, a unit being the tensors that share a statistic (a
+transformer block for WARP's SLERP, else one tensor). A unit whose bytes over all inputs fit half the
+memory budget is read whole into memory on a read-ahead thread while the previous unit is merged, so
+reading overlaps the math and a method that needs a statistic of the unit first (an angle, a magnitude
+threshold) computes it from memory: every input byte is read from disk once. A unit too large for the
+budget is streamed chunk by chunk, and such a method reads it twice (statistics, then output). Methods
+compute their statistics lazily, when the unit's first chunk is merged (`gram_pass` accumulates the
+Gram matrix of a group of tensors in fp64, chunk by chunk).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,12 +36,15 @@ from mergekit_warp.merge import math as mmath
 from mergekit_warp.progress import Bytes
 
 CHUNK = 1 << 22  # elements per chunk: 16 MB of fp32 per input
+BUDGET = 2 * 10**9  # bytes of inputs held in memory at once (the unit being merged and the next one)
 
 
 class Fetch:
     """One chunk of one tensor: `fetch(i)` is elements [start, stop) of input i, flat, in its stored dtype,
-    on the math device (math on it must promote to fp32). `shape` is the whole tensor's; methods that
-    draw random numbers or work row by row use `start`, `stop` and `shape`."""
+    on the math device (math on it must promote to fp32). It may be a view of a tensor held in memory:
+    never modify it in place (`.float()` of fp32 data is the same tensor; `.to(torch.float32, copy=True)`
+    is a new one). `shape` is the whole tensor's; methods that draw random numbers or work row by row
+    use `start`, `stop` and `shape`."""
 
     def __init__(self, readers: list[CheckpointReader], name: str, start: int, stop: int, device: torch.device):
         self.readers, self.name, self.start, self.stop, self.device = readers, name, start, stop, device
@@ -57,8 +68,8 @@ def chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 
 def fetch_raw(reader: CheckpointReader, name: str, start: int, stop: int, device: torch.device) -> Tensor:
-    """Elements [start, stop) of `name`, flat, in the stored dtype, on `device`. Math on it must promote
-    to fp32 (mixed-dtype torch ops do: `acc.add_(bf16_chunk)` computes in fp32), which fuses the
+    """Elements [start, stop) of `name`, flat, in the stored dtype, on `device` (read-only: see `Fetch`).
+    Math on it must promote to fp32 (mixed-dtype torch ops do: `acc.add_(bf16_chunk)` computes in fp32), which fuses the
     upcast with the first operation instead of materialising an fp32 copy of every input."""
     return reader.read(name, start, stop).to(device)
 
@@ -145,25 +156,99 @@ def write_pass(
     chunk: int = CHUNK,
     progress: Bytes | None = None,
     rows: bool = False,
+    groups: dict[str, list[str]] | None = None,
+    budget: int = BUDGET,
 ) -> list[str]:
     """Stream every tensor of `readers[ref]` through `combine` (float tensors) or copy it from the
     reference (non-float tensors: int buffers are never interpolated); return the shard file names.
-    `rows`: every chunk holds whole rows (last dimension) of the tensor."""
+    `rows`: every chunk holds whole rows (last dimension) of the tensor. `groups`: tensors that share a
+    statistic, held in memory together (default: each tensor alone); `budget`: bytes of inputs held."""
     layout = output_layout(readers[ref], dtype)
     writer = BackgroundWriter(ShardWriter(folder, layout, max_shard_size))
     progress = progress or Bytes(False)
     total = sum(r.total_bytes for r in readers)
+    plan = units([t.name for t in layout], groups or {}, readers, budget)
+    arenas = Arenas(max((_unit_bytes(readers, ns) for ns, held in plan if held), default=0))
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="warp-read")
+
+    def load(j: int) -> Future | None:  # read unit j whole on the read-ahead thread, into arena j % 2
+        return ahead.submit(_hold, readers, plan[j][0], arenas.get(j % 2)) if j < len(plan) and plan[j][1] else None
+
     try:
         with progress.task("merge", total, len(layout)) as advance:
-            for t in layout:
-                row = (t.shape[-1] if len(t.shape) > 1 else max(1, math.prod(t.shape))) if rows else 1
-                _stream_tensor(readers, ref, t, combine, writer, device, max(1, chunk // row) * row, advance)
-                advance(0, 1)
+            by_name = {t.name: t for t in layout}
+            loading = load(0)
+            for j, (names, _) in enumerate(plan):
+                if loading is not None:
+                    loading.result()
+                writer.drain()  # unit j − 1 is written: its arena may take unit j + 1
+                loading = load(j + 1)
+                for name in names:
+                    t = by_name[name]
+                    row = (t.shape[-1] if len(t.shape) > 1 else max(1, math.prod(t.shape))) if rows else 1
+                    _stream_tensor(readers, ref, t, combine, writer, device, max(1, chunk // row) * row, advance)
+                    for r in readers:
+                        r.release(name)
+                    advance(0, 1)
     except BaseException:
+        ahead.shutdown(wait=True, cancel_futures=True)
         writer.abort()
         raise
+    finally:
+        ahead.shutdown(wait=True)
+        for r in readers:
+            r.held.clear()
     writer.close()
     return writer.files
+
+
+class Arenas:
+    """Two reusable buffers of `size` bytes for the units held in memory (the one merged, the one read
+    ahead), allocated on first use: the pages are touched once, not once per unit."""
+
+    def __init__(self, size: int):
+        self.size, self.buffers = size, [None, None]
+
+    def get(self, i: int) -> memoryview:
+        if self.buffers[i] is None:
+            self.buffers[i] = torch.empty(self.size, dtype=torch.uint8)
+        return memoryview(self.buffers[i].numpy())
+
+
+def units(
+    names: list[str], groups: dict[str, list[str]], readers: list[CheckpointReader], budget: int
+) -> list[tuple[list[str], bool]]:
+    """The loop's units in order: runs of consecutive tensors of one group (a tensor outside `groups`
+    is a group of its own), each with whether it is held in memory: when its bytes over all inputs fit
+    half the budget and its group is one run (a group scattered over the file is streamed)."""
+    owner = {n: g for g, ns in groups.items() for n in ns}
+    runs: list[tuple[str, list[str]]] = []
+    for n in names:
+        g = owner.get(n, "\0" + n)
+        if runs and runs[-1][0] == g:
+            runs[-1][1].append(n)
+        else:
+            runs.append((g, [n]))
+    seen: dict[str, int] = {}
+    for g, _ in runs:
+        seen[g] = seen.get(g, 0) + 1
+    return [(ns, seen[g] == 1 and _unit_bytes(readers, ns) <= budget // 2) for g, ns in runs]
+
+
+ALIGN = 64  # byte alignment of each tensor held in an arena
+
+
+def _unit_bytes(readers: list[CheckpointReader], names: list[str]) -> int:
+    return sum(-(-r.infos[n].nbytes // ALIGN) * ALIGN for r in readers for n in names)
+
+
+def _hold(readers: list[CheckpointReader], names: list[str], arena: memoryview) -> None:
+    pos = 0
+    for n in names:
+        for r in readers:
+            nbytes = r.infos[n].nbytes
+            r.hold(n, arena[pos : pos + nbytes])
+            pos += -(-nbytes // ALIGN) * ALIGN
 
 
 def _stream_tensor(
@@ -210,7 +295,7 @@ def linear_combine(weights: Callable[[str, Fetch], Tensor]) -> Combine:
 
     def combine(name: str, fetch: Fetch) -> Tensor:
         w = weights(name, fetch).tolist()
-        acc = fetch(0).float().mul_(w[0])
+        acc = fetch(0).to(torch.float32, copy=True).mul_(w[0])
         for m in range(1, len(w)):
             acc.add_(fetch(m), alpha=w[m])
         return acc
@@ -227,7 +312,7 @@ def affine_combine(weights: Callable[[str, Fetch], Tensor]) -> Combine:
 
     def combine(name: str, fetch: Fetch) -> Tensor:
         c = weights(name, fetch).tolist()
-        out = fetch(0).float().mul_(1.0 - sum(c))
+        out = fetch(0).to(torch.float32, copy=True).mul_(1.0 - sum(c))
         for m, w in enumerate(c, start=1):
             out.add_(fetch(m), alpha=w)
         return out

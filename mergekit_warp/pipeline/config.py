@@ -125,6 +125,23 @@ class PipelineConfig(_Frozen):
     may be a group ([cuda:0, cuda:1], or [cpu, cpu] for gloo): that run is data-parallel on it under
     torchrun, one process per device (`warp rl --nproc N`)."""
     eval: Eval = Eval()
+    report_to: tuple[str, ...] | None = None
+    """Experiment trackers (tensorboard, wandb, trackio, mlflow): one tracker run per RL run, grouped by
+    the run folder, and one for the Pareto summary with its files."""
+
+    push_to_hub: str | None = None
+    """A hub model repo: when the run is done, its final/ is uploaded there (as `warp push`), the card
+    carrying the Pareto summary."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, v: Any) -> Any:
+        from mergekit_warp import trackers
+
+        try:
+            return tuple(trackers.names([v] if isinstance(v, str) else v)) or None
+        except WarpError as e:
+            raise ValueError(str(e).split(": ", 1)[-1]) from None
 
     @model_validator(mode="after")
     def _lengths(self) -> PipelineConfig:
@@ -168,7 +185,7 @@ class PipelineConfig(_Frozen):
 
     def digest(self) -> str:
         """Hash of the resolved config; a resumed run must have the same one."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        blob = json.dumps(self.model_dump(mode="json", exclude={"report_to", "push_to_hub"}), sort_keys=True).encode()
         return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergekit_warp import trackers
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.atomic import claim
 from mergekit_warp.io.publish import check_disjoint
@@ -98,6 +99,10 @@ def _run(cfg: PipelineConfig, config_path: Path, run_dir: Path, sft: Path, resum
 
     summary = _pareto_step(cfg, lay, manifest, sft, log) if cfg.eval.enabled else None
     log(f"done: final policy {lay.final}")
+    if cfg.push_to_hub:
+        from mergekit_warp.io.hub import push
+
+        log(f"pushed {lay.final} to the hub: {push(lay.final, cfg.push_to_hub)}")
     return PipelineResult(run_dir=run_dir, final=lay.final, summary=summary)
 
 
@@ -117,6 +122,8 @@ def preflight(config_path: Path, cfg: PipelineConfig) -> Path:
 
     try:
         runs = rl_configs(cfg)  # options first: no file is read for a typo
+        for rc in runs:  # tracker libraries too (the runs' trackers include the pipeline's)
+            trackers.check(rc.report_to)
         sft = model_folder(cfg.init, "init")
         tok = load_tokenizer(sft)
         context = model_context(sft)
@@ -285,6 +292,13 @@ def _pareto_step(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path
         lambda: evaluate_run(lay.root, cfg=cfg, sft=sft, force=True, progress=log.enabled, on_point=progress),
     )
     manifest.finish(name, None, result.headline)
+    tracker = trackers.open_run(cfg.report_to, name="pareto", group=lay.root.name, config=cfg.model_dump(mode="json"))
+    if tracker is not None:  # the summary's numbers as metrics, the files as artifacts
+        with tracker:
+            tracker.log(result.headline, cfg.iterations)
+            for f in ("summary.txt", "summary.json", "pareto.csv", "pareto.png"):
+                if (lay.eval / f).is_file():
+                    tracker.artifact(lay.eval / f)
     return result.summary
 
 
@@ -394,7 +408,11 @@ def _rl_config(cfg: PipelineConfig, i: int, m: int, init: Path, out: Path, *, re
         resume=resume,
         force=out.exists() and not resume,
         progress=progress,
+        run_name=f"{out.parent.name}/{out.name}",  # iter_i/run_m, grouped by the run folder
+        run_group=out.parent.parent.name,
     )
+    if cfg.report_to:  # the pipeline's trackers (else an rl: report_to of its own, if any)
+        fields["report_to"] = list(cfg.report_to)
     section = "rl" if not cfg.per_run or not cfg.per_run[m - 1] else f"rl/per_run.{m - 1}"
     return make_config({**cfg.rl_options(m), **fields}, where=section)
 

@@ -146,6 +146,13 @@ class RLConfig(BaseModel):
     resume: bool = Field(False, description="Continue from OUT.partial/ (or return OUT if the run already finished).")
     force: bool = Field(False, description="Replace an existing OUT (and discard an existing OUT.partial/).")
     progress: bool = Field(True, description="Show the live view on stderr.")
+    report_to: Optional[list[str]] = Field(
+        None,
+        description="Also send every metric to these experiment trackers: tensorboard, wandb, trackio, mlflow "
+        "(repeat the option or give a comma list; each needs its extra, e.g. pip install 'mergekit-warp[wandb]').",
+    )
+    run_name: Optional[str] = Field(None, description="Name of the tracker run (default: OUT's folder name).")
+    run_group: Optional[str] = Field(None, description="Group of the tracker run (a pipeline groups its runs).")
 
     @field_validator("dtype")
     @classmethod
@@ -158,6 +165,16 @@ class RLConfig(BaseModel):
             raise ValueError(str(e).split(": ", 1)[-1]) from None
 
     _stop = field_validator("stop", mode="before")(check_stop)
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        from mergekit_warp import trackers
+
+        try:
+            return trackers.names(v) or None
+        except WarpError as e:
+            raise ValueError(str(e).split(": ", 1)[-1]) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> RLConfig:
@@ -194,7 +211,15 @@ class RLConfig(BaseModel):
 
 
 # Options added after the first release, with the value a run saved without them had.
-ADDED_OPTIONS = {"top_p": 1.0, "top_k": 0, "stop": None, "max_prompt_length": None}
+ADDED_OPTIONS = {
+    "top_p": 1.0,
+    "top_k": 0,
+    "stop": None,
+    "max_prompt_length": None,
+    "report_to": None,
+    "run_name": None,
+    "run_group": None,
+}
 
 # Fields that may change between an interrupted run and its `--resume` without changing the result.
 RESUMABLE_CHANGES = frozenset(
@@ -210,6 +235,9 @@ RESUMABLE_CHANGES = frozenset(
         "eval_every",
         "threads",
         "parallel",
+        "report_to",
+        "run_name",
+        "run_group",
     }
 )
 

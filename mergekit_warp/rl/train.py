@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mergekit_warp import trackers
 from mergekit_warp.devices import resolve_device
 from mergekit_warp.dtypes import parse_dtype
 from mergekit_warp.errors import WarpError
@@ -441,6 +442,7 @@ def train(cfg: RLConfig) -> Path:
 def _train(cfg: RLConfig) -> Path:
     out = Path(cfg.out).absolute()
     work = st.partial_dir(out)
+    trackers.check(cfg.report_to)  # a missing tracker library fails before any work
     par = Parallel.start(cfg.device, cfg.parallel, parse_dtype(cfg.dtype))
     resolve_device(par.device(cfg.device))  # a bad --device fails before anything is read
     plan = _plan(cfg, out, work) if par.is_main else "start"
@@ -453,6 +455,11 @@ def _train(cfg: RLConfig) -> Path:
 
     view = Steps("rl", cfg.progress and par.is_main, cfg.steps, run.step)
     t_run, stopped, first = time.time(), "steps", run.step
+    tracker = (
+        trackers.open_run(cfg.report_to, name=cfg.run_name or out.name, group=cfg.run_group, config=_record(run))
+        if par.is_main
+        else None
+    )
     try:
         while run.step < cfg.steps:
             metrics = step(run)
@@ -467,6 +474,8 @@ def _train(cfg: RLConfig) -> Path:
                 )
             if par.is_main:
                 st.append_metrics(work, metrics)
+                if tracker is not None:
+                    tracker.log(metrics, run.step)
                 view.update(
                     run.step,
                     f"reward {metrics['reward']:+.3f}  KL {metrics['kl_anchor']:.2f}  "
@@ -502,6 +511,8 @@ def _train(cfg: RLConfig) -> Path:
         raise
     finally:
         view.close()
+        if tracker is not None:
+            tracker.close()
     return publish(run, out, stopped)
 
 

@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # the catalogue of methods loads without torch (the CLI lists
 
     from mergekit_warp.io.reader import CheckpointReader
     from mergekit_warp.merge.engine import Combine
-    from mergekit_warp.progress import Bytes
 
 REQUIRED = object()
 
@@ -141,7 +140,6 @@ class Context:
 
     device: torch.device
     chunk: int
-    progress: Bytes
     has_base: bool = False
     """Whether readers[0] is the base (the init) rather than the first model."""
     seed: int = 0
@@ -165,6 +163,9 @@ class Method:
     min_models: int = 1
     rows: bool = False
     """Chunks hold whole rows (the last dimension): for methods that work row by row."""
+    groups: Callable[[Settings, list[str], bool], dict[str, list[str]]] | None = None
+    """(settings, tensor names, base given?) → the groups of tensors that share a statistic (SLERP's
+    blocks), held in memory together; default: each tensor alone."""
     mergekit: str | None = None
     """mergekit's name for the same method (a merge_config.yml is written beside the output), or None."""
     random: bool = False
@@ -199,17 +200,17 @@ def validate(m: Method, s: Settings, n_models: int, has_base: bool, names: list[
 def uniform(
     seed: int, tensor: str, model: int, start: int, stop: int, device: torch.device | None = None
 ) -> torch.Tensor:
-    """(stop − start,) float32 uniforms in [0, 1) for elements [start, stop) of `tensor` and `model`: a
-    hash of (seed, tensor, model, element index), so a draw does not depend on chunking or sharding."""
+    """(stop − start,) float32 uniforms in [0, 1) for elements [start, stop) of `tensor` and `model`:
+    element i is the i-th float32 of a PCG64 stream keyed by a hash of (seed, tensor, model), reached
+    by jumping ahead (PCG64.advance), so a draw does not depend on chunking or sharding. Drawn on the
+    CPU (the same numbers for every device), then moved."""
+    import numpy as np
     import torch
 
-    key = int.from_bytes(hashlib.sha256(f"{seed}\0{tensor}\0{model}".encode()).digest()[:7], "little")
-    x = torch.arange(start, stop, dtype=torch.int64, device=device).add_(key)
-    # splitmix64's finaliser on int64 (wrapping arithmetic; logical shifts by masking), in place
-    x.mul_(-7046029254386353131)  # 0x9E3779B97F4A7C15
-    x.bitwise_xor_(x.bitwise_right_shift(30).bitwise_and_(0x3FFFFFFFF)).mul_(-4658895280553007687)  # 0xBF58476D1CE4E5B9
-    x.bitwise_xor_(x.bitwise_right_shift(27).bitwise_and_(0x1FFFFFFFFF)).mul_(
-        -7723592293110705685
-    )  # 0x94D049BB133111EB
-    x.bitwise_xor_(x.bitwise_right_shift(31).bitwise_and_(0x1FFFFFFFF))
-    return x.bitwise_right_shift_(40).bitwise_and_(0xFFFFFF).to(torch.float32).div_(float(1 << 24))
+    key = int.from_bytes(hashlib.sha256(f"{seed}\0{tensor}\0{model}".encode()).digest()[:16], "little")
+    bits = np.random.PCG64(key)
+    bits.advance(start // 2)  # each 64-bit output gives two float32 draws
+    gen = np.random.Generator(bits)
+    if start % 2:
+        gen.random(1, dtype=np.float32)
+    return torch.from_numpy(gen.random(stop - start, dtype=np.float32)).to(device)

@@ -24,10 +24,12 @@ PARAMS = (
 
 
 def build(readers: list[CheckpointReader], s: Settings, ctx: Context) -> Combine:
+    import torch
+
     mu = s.get(PARAMS[0])
 
     def combine(name: str, fetch: Fetch) -> Tensor:
-        acc = fetch(0).float()
+        acc = fetch(0).to(torch.float32, copy=True)
         for t in range(1, len(readers)):  # one checkpoint's chunk at a time: memory flat in n
             acc.mul_(1.0 - mu).add_(fetch(t), alpha=mu)  # θ ← (1 − μ)·θ + μ·θ_t, in place
         return acc

@@ -76,26 +76,22 @@ def build(readers: list[CheckpointReader], s: Settings, ctx: Context) -> Combine
 
     names = readers[0].names
     warp = ctx.has_base
-    groups = group_names(names, s.top.get("granularity", "block") if warp else "tensor")
+    groups = grouping(s, names, warp)
     owner = {n: g for g, ns in groups.items() for n in ns}
-    # Groups larger than one chunk need a first pass for their angle; a single small tensor is read
-    # whole in the write pass, so its angle comes from that one read.
-    big = {g: ns for g, ns in groups.items() if len(ns) > 1 or readers[0].infos[ns[0]].numel > ctx.chunk}
-    kind = "delta" if warp else "full"
-    grams = {
-        g: v[kind]
-        for g, v in gram_pass(
-            readers, big, device=ctx.device, chunk=ctx.chunk, progress=ctx.progress, full=not warp
-        ).items()
-    }
+    grams: dict[str, Tensor] = {}  # per group, computed when its first chunk is merged
 
     def gram(name: str, fetch: Fetch) -> Tensor:
-        g = grams.get(owner[name])
-        if g is None:
-            x = torch.stack([fetch(i).double() for i in range(len(readers))])  # (k, n), n <= chunk
+        g = owner[name]
+        if g in grams:
+            return grams[g]
+        members = groups[g]
+        if len(members) == 1 and (fetch.start, fetch.stop) == (0, readers[0].infos[name].numel):
+            x = torch.stack([fetch(i).double() for i in range(len(readers))])  # (k, n): the tensor, in one chunk
             x = x[1:] - x[0] if warp else x
-            g = (x @ x.T).cpu()
-        return g
+            return (x @ x.T).cpu()
+        kind = "delta" if warp else "full"
+        grams[g] = gram_pass(readers, {g: members}, device=ctx.device, chunk=ctx.chunk, full=not warp)[g][kind]
+        return grams[g]
 
     if not warp:
         return linear_combine(lambda name, fetch: full_weights(gram(name, fetch), s.get(PARAMS[3], name)))
@@ -104,6 +100,11 @@ def build(readers: list[CheckpointReader], s: Settings, ctx: Context) -> Combine
     return affine_combine(
         lambda name, fetch: mmath.slerp_weights(gram(name, fetch), sched.at(name, n_layers) if two else None)
     )
+
+
+def grouping(s: Settings, names: list[str], has_base: bool) -> dict[str, list[str]]:
+    """The groups sharing one angle: blocks (or --granularity) with a base, tensors without."""
+    return group_names(names, s.top.get("granularity", "block") if has_base else "tensor")
 
 
 def full_weights(g: Tensor, t: float) -> Tensor:
@@ -128,4 +129,5 @@ METHOD = Method(
     check=check,
     min_models=2,
     mergekit="slerp",
+    groups=grouping,
 )

@@ -34,9 +34,8 @@ from mergekit_warp.io.reader import CheckpointReader
 from mergekit_warp.merge.engine import chunks, fetch_raw
 from mergekit_warp.merge.methods.base import uniform
 from mergekit_warp.merge.select import kth_largest
-from mergekit_warp.progress import Bytes
 
-BUDGET = 512 << 20  # bytes of |δ| of one tensor and model ranked in memory; larger ones by streamed radix selection
+BUDGET = 256 << 20  # bytes of |δ| near a threshold ranked in memory; beyond, streamed radix selection
 RESCALE_EPS = 1e-7  # mergekit's: no rescale when either L1 norm is below it
 MAGNITUDE = ("magnitude", "outliers")
 
@@ -71,19 +70,19 @@ def ranks(numel: int, d: Drop) -> list[int]:
     return [top, top + target]
 
 
-def keep(d: Drop, delta: Tensor, seed: int, name: str, model: int, start: int, row: int) -> Tensor | None:
-    """Which elements of `delta` (elements [start, start + len) of tensor `name`, model `model`) survive;
-    None when all do. `row`: the row length (della; chunks hold whole rows)."""
+def dropped(d: Drop, delta: Tensor, seed: int, name: str, model: int, start: int, row: int) -> Tensor | None:
+    """Which elements of `delta` (elements [start, start + len) of tensor `name`, model `model`) are
+    dropped; None when none is. `row`: the row length (della; chunks hold whole rows)."""
     if not d.active:
         return None
     if d.kind in MAGNITUDE:
         a = delta.abs()
-        kept = a >= d.low
-        return kept if d.high == math.inf else kept.logical_and_(a < d.high)
+        out = a < d.low
+        return out if d.high == math.inf else out.logical_or_(a >= d.high)
     u = uniform(seed, name, model, start, start + delta.numel(), device=delta.device)
     if d.kind == "random":
-        return u < d.density
-    return u < della_probs(delta.abs(), row, d.density, d.epsilon)
+        return u >= d.density
+    return u >= della_probs(delta.abs(), row, d.density, d.epsilon)
 
 
 def della_probs(a: Tensor, row: int, density: float, epsilon: float) -> Tensor:
@@ -105,49 +104,34 @@ def row_length(shape: tuple[int, ...]) -> int:
 def delta(readers: list[CheckpointReader], m: int, name: str, start: int, stop: int, device: torch.device) -> Tensor:
     """θ_m − θ_base of elements [start, stop), fp32 (readers[0] is the base; m counts from 1)."""
     return (
-        fetch_raw(readers[m], name, start, stop, device).float().sub_(fetch_raw(readers[0], name, start, stop, device))
+        fetch_raw(readers[m], name, start, stop, device)
+        .to(torch.float32, copy=True)
+        .sub_(fetch_raw(readers[0], name, start, stop, device))
     )
 
 
 def statistics(
-    readers: list[CheckpointReader],
-    drops: dict[str, list[Drop]],
-    *,
-    seed: int,
-    device: torch.device,
-    chunk: int,
-    progress: Bytes,
+    readers: list[CheckpointReader], name: str, drops: list[Drop], *, seed: int, device: torch.device, chunk: int
 ) -> None:
-    """Fill in the thresholds and rescale factors of every active drop, one tensor and model at a time:
-    memory is one chunk (or one tensor's |δ| within `BUDGET`)."""
-    infos = readers[0].infos
+    """Fill in the thresholds and rescale factors of the active drops of tensor `name` (one per model),
+    one model at a time: memory is a chunk, or the few values near a threshold (merge/select.py)."""
+    numel = readers[0].infos[name].numel
+    for m, d in enumerate(drops, start=1):
+        if not d.active:
+            continue
 
-    def passes(name: str, d: Drop) -> int:
-        select = (1 if infos[name].numel * 4 <= BUDGET else 2) if d.kind in MAGNITUDE else 0
-        return select + (1 if d.rescale else 0) if d.active else 0
+        def values(start: int, stop: int, m: int = m) -> Tensor:
+            if stop - start <= chunk:
+                return delta(readers, m, name, start, stop, device).abs_()
+            out = torch.empty(stop - start, device=device)  # assembled chunk by chunk: peak = |δ| + a chunk
+            for a, b in chunks(stop - start, chunk):
+                out[a:b] = delta(readers, m, name, start + a, start + b, device).abs_()
+            return out
 
-    work = [(name, m, d, passes(name, d)) for name, ds in drops.items() for m, d in enumerate(ds, start=1)]
-    work = [w for w in work if w[3]]
-    if not work:
-        return
-    total = sum(k * (infos[n].nbytes + readers[m].infos[n].nbytes) for n, m, _, k in work)
-    with progress.task("select", total, len(work)) as advance:
-        for name, m, d, _ in work:
-            numel = infos[name].numel
-
-            def values(start: int, stop: int, name: str = name, m: int = m) -> Tensor:
-                out = torch.empty(stop - start, device=device)  # assembled chunk by chunk: peak = |δ| + a chunk
-                for a, b in chunks(stop - start, chunk):
-                    out[a:b] = delta(readers, m, name, start + a, start + b, device).abs_()
-                    advance(infos[name].dtype.itemsize * (b - a) + readers[m].infos[name].dtype.itemsize * (b - a), 0)
-                return out
-
-            if d.kind in MAGNITUDE:
-                high, low = kth_largest(values, numel, ranks(numel, d), chunk, BUDGET)
-                d.high, d.low = high, low
-            if d.rescale:
-                d.scale = _l1_scale(values, d, seed, name, m - 1, numel, chunk, readers, device)
-            advance(0, 1)
+        if d.kind in MAGNITUDE:
+            d.high, d.low = kth_largest(values, numel, ranks(numel, d), chunk, BUDGET)
+        if d.rescale:
+            d.scale = _l1_scale(values, d, seed, name, m - 1, numel, chunk, readers, device)
 
 
 def _l1_scale(
@@ -166,8 +150,8 @@ def _l1_scale(
     before = after = 0.0
     for start, stop in chunks(numel, max(1, chunk // row) * row):
         a = values(start, stop)  # |δ|: the drops see only magnitudes and positions
-        kept = keep(d, a, seed, name, model, start, row)
-        assert kept is not None  # only active drops are rescaled
+        drop = dropped(d, a, seed, name, model, start, row)
+        assert drop is not None  # only active drops are rescaled
         before += float(a.sum(dtype=torch.float64))
-        after += float(a.masked_fill_(~kept, 0).sum(dtype=torch.float64))
+        after += float(a.masked_fill_(drop, 0).sum(dtype=torch.float64))
     return before / after if before >= RESCALE_EPS and after >= RESCALE_EPS else 1.0

@@ -11,9 +11,10 @@ supplies G, of one of three kinds of vector, and streams the output:
 - ROW: each row, i.e. each slice along the last dimension (a 1-D tensor is one row; B = rows);
 - COLUMN: each slice along dimension 0 (a 2-D tensor's columns; B = the product of the other dimensions).
 
-Whole tensors larger than a chunk get their Gram from one streamed pass before the write
-(`engine.gram_pass`), columns from a pass here (`column_grams`); a smaller tensor, and every row (the
-method sets `rows=True`, so chunks hold whole rows), from the chunk the write pass reads anyway. Math in
+Whole tensors larger than a chunk get their Gram from a pass over the tensor when its first chunk is
+merged (`engine.gram_pass`; from memory when the engine holds the tensor), columns likewise from a pass
+here (`column_grams`); a smaller tensor, and every row (the method sets `rows=True`, so chunks hold
+whole rows), from the chunk the write pass reads anyway. Math in
 fp32 (task vectors formed in fp32, as the output is), coefficients in fp64, dot products in fp64 (the
 pre-pass of whole tensors: fp32 products summed in fp64 per 4096 elements, `math.gram`). With a base
 the output is θ_base + Σ c_m·(θ_m − θ_base), task vectors formed first: coefficients can be large on tiny
@@ -112,31 +113,22 @@ def mix(base: Tensor | None, v: Tensor, c: Tensor, how: str, shape: tuple[int, .
     return out
 
 
-def column_grams(readers: list[CheckpointReader], names: list[str], ctx: Context) -> dict[str, Tensor]:
-    """Per tensor, the Gram matrices of its columns (columns, M, M), fp64, streamed: chunks of whole
-    slices of dimension 0, one input chunk at a time."""
+def column_grams(readers: list[CheckpointReader], name: str, ctx: Context) -> Tensor:
+    """The Gram matrices of the columns of tensor `name` (columns, M, M), fp64, streamed: chunks of
+    whole slices of dimension 0, one input chunk at a time."""
     import torch
 
     from mergekit_warp.merge.engine import Fetch, check_finite, chunks
 
-    infos = readers[0].infos
-    total = sum(r.infos[n].nbytes for r in readers for n in names)
-    m = len(readers) - ctx.has_base
-    out: dict[str, Tensor] = {}
-    with ctx.progress.task("angles", total, len(names)) as advance:
-        for name in names:
-            shape = infos[name].shape
-            cols = columns(shape)
-            g = torch.zeros(cols, m, m, dtype=torch.float64, device=ctx.device)
-            for start, stop in chunks(infos[name].numel, max(1, ctx.chunk // cols) * cols):
-                _, v = read(Fetch(readers, name, start, stop, ctx.device), len(readers), ctx.has_base)
-                g += gram_of(v, COLUMN, shape)
-                del v
-                advance(sum(r.infos[name].dtype.itemsize * (stop - start) for r in readers), 0)
-            check_finite(g, readers, name, ctx.device, ctx.chunk)
-            out[name] = g
-            advance(0, 1)
-    return out
+    shape = readers[0].infos[name].shape
+    cols, m = columns(shape), len(readers) - ctx.has_base
+    g = torch.zeros(cols, m, m, dtype=torch.float64, device=ctx.device)
+    for start, stop in chunks(readers[0].infos[name].numel, max(1, ctx.chunk // cols) * cols):
+        _, v = read(Fetch(readers, name, start, stop, ctx.device), len(readers), ctx.has_base)
+        g += gram_of(v, COLUMN, shape)
+        del v
+    check_finite(g, readers, name, ctx.device, ctx.chunk)
+    return g
 
 
 def gram_combine(
@@ -144,46 +136,34 @@ def gram_combine(
 ) -> Combine:
     """The Combine of a Gram-based method: `how_of(name)` says which vectors of a tensor the method
     works on (TENSOR, ROW or COLUMN), `coeffs(name, G)` turns their Gram matrices into coefficients.
-    Coefficients from a pre-pass are computed once per tensor, not once per chunk."""
+    Coefficients that need a pass over the whole tensor first are computed once per tensor, when its
+    first chunk is merged (from memory when the engine holds the tensor)."""
     from mergekit_warp.merge.engine import gram_pass
 
     infos = readers[0].infos
-    floats = [n for n in readers[0].names if infos[n].is_float]
-    how = {n: how_of(n) for n in floats}
-    big = [n for n in floats if infos[n].numel > ctx.chunk]
-    pre: dict[str, Tensor] = {}
-    flat = [n for n in big if how[n] == TENSOR]
-    if flat:
-        kind = "delta" if ctx.has_base else "full"
-        grams = gram_pass(
-            readers,
-            {n: [n] for n in flat},
-            device=ctx.device,
-            chunk=ctx.chunk,
-            progress=ctx.progress,
-            full=not ctx.has_base,
-        )
-        pre.update({n: g[kind][None] for n, g in grams.items()})
-    cols = [n for n in big if how[n] == COLUMN]
-    if cols:
-        pre.update(column_grams(readers, cols, ctx))
     known: dict[str, Tensor] = {}
 
     def combine(name: str, fetch: Fetch) -> Tensor:
+        how = how_of(name)
+        numel = infos[name].numel
+        if fetch.start == 0 and how != ROW and fetch.stop < numel:  # a pass over the tensor first
+            if how == TENSOR:
+                kind = "delta" if ctx.has_base else "full"
+                g = gram_pass(readers, {name: [name]}, device=ctx.device, chunk=ctx.chunk, full=not ctx.has_base)
+                known[name] = coeffs(name, g[name][kind][None])
+            else:
+                known[name] = coeffs(name, column_grams(readers, name, ctx))
         base, v = read(fetch, len(readers), ctx.has_base)
         if v.shape[1] == 0:  # an empty tensor: nothing to combine
             return v[0]
-        if name in pre:
-            known[name] = coeffs(name, pre.pop(name))
         if name in known:
-            c = known.pop(name) if fetch.stop == infos[name].numel else known[name]
+            c = known.pop(name) if fetch.stop == numel else known[name]
         else:
-            whole = (fetch.start, fetch.stop) == (0, infos[name].numel)
-            if not (whole or (how[name] == ROW and fetch.start % row_length(fetch.shape) == 0)):
+            if not (fetch.stop - fetch.start == numel or (how == ROW and fetch.start % row_length(fetch.shape) == 0)):
                 raise AssertionError(f"{name}: chunk [{fetch.start}, {fetch.stop}) does not hold whole vectors")
-            g = gram_of(v, how[name], fetch.shape)
-            c = coeffs(name, g.cpu() if how[name] == TENSOR else g)
-        return mix(base, v, c, how[name], fetch.shape, fetch.start)
+            g = gram_of(v, how, fetch.shape)
+            c = coeffs(name, g.cpu() if how == TENSOR else g)
+        return mix(base, v, c, how, fetch.shape, fetch.start)
 
     return combine
 

@@ -159,50 +159,48 @@ def build(f: Family, readers: list[CheckpointReader], s: Settings, ctx: Context)
 
     infos, by = readers[0].infos, {p.name: p for p in params(f)}
     plans = {n: plan(f, by, s, n, infos[n].shape, len(readers) - 1) for n in readers[0].names if infos[n].is_float}
-    sparsify.statistics(
-        readers,
-        {n: p.drops for n, p in plans.items()},
-        seed=ctx.seed,
-        device=ctx.device,
-        chunk=ctx.chunk,
-        progress=ctx.progress,
-    )
-    return lambda name, fetch: combine(plans[name], name, fetch, ctx.seed)
+    done: set[str] = set()  # tensors whose drop statistics are known
+
+    def run(name: str, fetch: Fetch) -> Tensor:
+        if name not in done:  # before the tensor's first chunk: from memory when the engine holds it
+            sparsify.statistics(readers, name, plans[name].drops, seed=ctx.seed, device=ctx.device, chunk=ctx.chunk)
+            done.add(name)
+        return combine(plans[name], name, fetch, ctx.seed)
+
+    return run
 
 
 def combine(p: TensorPlan, name: str, fetch: Fetch, seed: int) -> Tensor:
     """One chunk: the task vectors one model at a time into running sums (memory flat in the number of
-    models): Σ w·s(δ), and with consensus its positive and negative parts, their weights, the sign votes."""
+    models): Σ w·s(δ), and with consensus its positive part, the weights of each sign, the sign votes
+    (the negative part is the total minus the positive)."""
     import torch
 
-    from mergekit_warp.merge.methods.sparsify import keep
+    from mergekit_warp.merge.methods.sparsify import dropped
 
-    base = fetch(0).float()
+    base = fetch(0).to(torch.float32, copy=True)
     total = torch.zeros_like(base)
     if p.vote:
-        pos, neg, w_pos, w_neg = (torch.zeros_like(base) for _ in range(4))
+        pos, w_pos, w_neg = (torch.zeros_like(base) for _ in range(3))
         votes = torch.zeros_like(base) if p.vote == "count" else None
     for m, (w, drop) in enumerate(zip(p.weights, p.drops)):
-        d = fetch(m + 1).float().sub_(base)
-        kept = keep(drop, d, seed, name, m, fetch.start, p.row)
-        if kept is not None:
-            d.masked_fill_(~kept, 0.0)
-        if drop.scale != 1.0:
-            d.mul_(drop.scale)
-        d.mul_(w)
+        d = fetch(m + 1).to(torch.float32, copy=True).sub_(base)
+        gone = dropped(drop, d, seed, name, m, fetch.start, p.row)
+        if gone is not None:
+            d.masked_fill_(gone, 0.0)
+        d.mul_(w * drop.scale)
         total.add_(d)
         if p.vote:
             up, down = d > 0, d < 0
-            pos.add_(d.clamp(min=0))
-            neg.add_(d.clamp(max=0))
+            pos.add_(d.relu_())  # d is not needed past this point
             w_pos.add_(up, alpha=w)
             w_neg.add_(down, alpha=w)
             if votes is not None:
                 votes.add_(up).sub_(down.float())
-        del d, kept
+        del d, gone
     if p.vote:
         up = (total if votes is None else votes) >= 0
-        mixed = torch.where(up, pos, neg)
+        mixed = torch.where(up, pos, total.sub_(pos))
         if p.normalize:
             div = torch.where(up, w_pos, w_neg)
             mixed.div_(div.masked_fill_(div == 0, 1.0))
