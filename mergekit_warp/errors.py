@@ -54,5 +54,7 @@ def build(cls, options: dict, where: str = ""):
         elif err["type"] == "missing":
             msg = "required"
         elif key and "input" in err:
-            msg = f"{err['input']!r}: {msg}"
+            given = err["input"]  # a repeated option's values as they were typed: a,b
+            shown = ",".join(map(str, given)) if isinstance(given, (list, tuple)) else given
+            msg = f"{shown!r}: {msg}"
         raise WarpError(f"{name} {msg}".strip()) from None

@@ -21,6 +21,14 @@ def _console():
     return Console(stderr=True)
 
 
+def size(nbytes: int) -> str:
+    """1234567890 → '1.23 GB' (decimal units, as disk sizes are usually given)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} B"
+
+
 class Bytes:
     """A bar counting input bytes read and tensors done."""
 

@@ -5,13 +5,14 @@ step; the run's options go as its config. Each tracker is its own library, impor
 for (an optional extra: `pip install 'mergekit-warp[wandb]'`), and keeps its own defaults and
 environment variables for where and how it stores runs:
 
-- tensorboard: event files in `runs/NAME/` (as transformers' Trainer), or under `TENSORBOARD_LOGDIR`;
+- tensorboard: event files in `tensorboard/GROUP/NAME/` (under `TENSORBOARD_LOGDIR` when set);
 - wandb: `WANDB_MODE=offline` keeps the run in `./wandb/` (sync it later with `wandb sync`);
 - trackio: a local store (`TRACKIO_DIR`, default in the Hugging Face cache);
-- mlflow: `MLFLOW_TRACKING_URI` (a local `sqlite:///mlflow.db`, or `file:./mlruns` with
-  `MLFLOW_ALLOW_FILE_STORE=true` on mlflow 3), else mlflow's own default.
+- mlflow: `MLFLOW_TRACKING_URI` (a tracking server, or offline `file:./mlruns` with
+  `MLFLOW_ALLOW_FILE_STORE=true` on mlflow 3: mlflow-skinny has no SQL store), else mlflow's default.
 
-A missing library is a one-line error naming the extra, before any work starts (`check`).
+A missing library is a one-line error naming the extra, before any work starts (`check`); a tracker
+that cannot start its run (no login, a store it refuses) is a one-line error too (`open_run`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def names(given: Iterable[str] | None) -> list[str]:
             if n in ("", "none"):
                 continue
             if n not in TRACKERS:
-                raise WarpError(f"--report-to {n!r}: choose among {', '.join(TRACKERS)} (or none)")
+                raise WarpError(f"--report-to: unknown tracker {n!r}; choose among {', '.join(TRACKERS)} (or none)")
             if n not in out:
                 out.append(n)
     return out
@@ -82,7 +83,14 @@ class Run:
     """One tracker run on every tracker asked for: `log(metrics, step)`, `artifact(path)`, `close()`."""
 
     def __init__(self, wanted: list[str], *, name: str, group: str | None, config: dict[str, Any], project: str):
-        self.backends = [_open(n, name=name, group=group, config=config, project=project) for n in wanted]
+        self.backends: list = []
+        for n in wanted:
+            try:
+                self.backends.append(_open(n, name=name, group=group, config=config, project=project))
+            except Exception as e:  # no login, a refused store…: one line, and the others closed
+                self.close()
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise WarpError(f"--report-to {n}: could not start the tracker run: {first}") from None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         values = scalars(metrics)
@@ -127,7 +135,7 @@ class _TensorBoard:
     def __init__(self, name: str, group: str | None, config: dict[str, Any], project: str):
         from torch.utils.tensorboard import SummaryWriter
 
-        root = Path(os.environ.get("TENSORBOARD_LOGDIR", "runs"))
+        root = Path(os.environ.get("TENSORBOARD_LOGDIR", "tensorboard"))  # not runs/: warp's own outputs go there
         self.writer = SummaryWriter(log_dir=str(root / group / name if group else root / name))
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()))
 
@@ -158,7 +166,7 @@ class _Wandb:
         self.run.log(values, step=step)
 
     def artifact(self, path: Path) -> None:
-        art = self.wandb.Artifact(f"{self.run.name}-{path.stem}".replace("/", "-"), type="result")
+        art = self.wandb.Artifact(f"{self.run.name}-{path.name}".replace("/", "-"), type="result")
         art.add_file(str(path))
         self.run.log_artifact(art)
 
@@ -187,8 +195,11 @@ class _Trackio:
 
 class _MLflow:
     def __init__(self, name: str, group: str | None, config: dict[str, Any], project: str):
+        import logging
+
         import mlflow
 
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines on stderr
         self.mlflow = mlflow
         mlflow.set_experiment(project)
         self.run = mlflow.start_run(run_name=name, tags={"group": group} if group else None)

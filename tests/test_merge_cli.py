@@ -173,7 +173,7 @@ CASES = {
     ),
     "bad memory budget": (
         lambda i, r, b: ["merge", "ties", r[0], r[1], "--base", i, "--weight", "1", "--memory-budget", "-1GB"],
-        ["--memory-budget"],
+        ["--memory-budget", "negative"],
     ),
 }
 

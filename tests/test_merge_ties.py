@@ -6,6 +6,7 @@ Random drops use the framework's seeded uniforms, so the dense versions draw the
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -566,3 +567,53 @@ def test_kth_largest_falls_back_to_radix_when_the_bracket_misses(monkeypatch):
     ks = [7, 25_000]
     assert select.kth_largest(lambda a, b: x[a:b].clone(), x.numel(), ks, 4096, 1 << 30) == _kth_by_sort(x, ks)
     assert calls
+
+
+def test_count_vote_keeps_small_agreeing_values_exact(tmp_path):
+    """The elected side's sum is accumulated on its own, not as total minus the other side: a vote won
+    by two tiny negative values against one large positive one keeps their exact mean."""
+    from safetensors.torch import save_file
+
+    def ckpt(name, values):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.tensor(values, dtype=torch.float32)}, tmp_path / name / "model.safetensors")
+        return tmp_path / name
+
+    base = ckpt("base", [0.0, 0.0])
+    models = [ckpt("m1", [1.0, 1.0]), ckpt("m2", [-1e-8, -1e-6]), ckpt("m3", [-1e-8, -1e-6])]
+    out = api.merge(
+        "ties",
+        models,
+        tmp_path / "o",
+        base=base,
+        params={"weight": 1.0, "density": 1.0, "consensus_method": "count"},
+        progress=False,
+    )
+    got = load_state(out)["w"]
+    torch.testing.assert_close(got, torch.tensor([-1e-8, -1e-6]), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("method", ["dare_ties", "ties"])
+def test_nan_in_a_dropped_element_is_still_reported(tiny_init, tiny_runs, tmp_path, seed, method):
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_warp.errors import WarpError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_runs[1], bad)
+    sd = load_file(bad / "model.safetensors")
+    name = next(k for k in sd if "mlp.up_proj" in k)
+    sd[name].view(-1)[5] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WarpError, match=f"tensor {name} in .*bad"):
+        api.merge(
+            method,
+            [tiny_runs[0], bad],
+            tmp_path / "o",
+            base=tiny_init,
+            params={"weight": 1.0, "density": 0.5},
+            seed=seed,
+            progress=False,
+        )
+    assert not (tmp_path / "o").exists()

@@ -95,6 +95,15 @@ def test_status_command(reference_run):
     for name in STEPS:
         assert name in r.stdout
     assert "pending" not in r.stdout and "failed" not in r.stdout
+    data = json.loads(CliRunner().invoke(app, ["pipeline", "status", str(reference_run), "--json"]).stdout)
+    from mergekit_warp.pipeline.status import disk_bytes
+
+    by_step = {row["step"]: row["disk_bytes"] for row in data["steps"]}
+    weights = sum(f.stat().st_size for f in (reference_run / "iter_1/run_1").glob("*.safetensors"))
+    assert weights <= by_step["iter_1/run_1"] < weights + 2_000_000  # weights, metrics, provenance; no anchor
+    assert not (reference_run / "iter_1/run_1/anchor").exists()  # the pipeline keeps no anchors by default
+    assert data["disk_bytes"] == disk_bytes(reference_run) >= sum(by_step.values())
+    assert "disk" in r.stdout
     r = CliRunner().invoke(app, ["pipeline", "status", str(reference_run / "iter_1")])
     assert r.exit_code == 2 and "run.json" in r.stderr
 

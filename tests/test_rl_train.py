@@ -159,7 +159,18 @@ def test_anchor_after_one_step(tiny_init, files, tmp_path):
     assert prov["inputs"]["init"]["hash"].startswith("sha256:")
 
 
-def test_bf16_policy_keeps_fp32_anchor_and_master(tiny_init, files, tmp_path):
+def test_bf16_policy_keeps_fp32_anchor_and_master(tiny_init, files, tmp_path, monkeypatch):
+    """The EMA anchor is fp32 while training (it accumulates updates below bf16's resolution); the
+    published anchor/ is in the policy's dtype, the fp32 anchor rounded once."""
+    import mergekit_warp.rl.train as tr
+
+    live, real = {}, tr.publish
+
+    def spy(run, out, stopped):
+        live.update({k: v.detach().clone() for k, v in run.anchor.state_dict().items()})
+        return real(run, out, stopped)
+
+    monkeypatch.setattr(tr, "publish", spy)
     out = train(
         cfg(
             tiny_init,
@@ -176,12 +187,21 @@ def test_bf16_policy_keeps_fp32_anchor_and_master(tiny_init, files, tmp_path):
     )
     pol, anc, init = load_state(out), load_state(out / "anchor"), load_state(tiny_init)
     k = "model.layers.0.mlp.up_proj.weight"
-    assert pol[k].dtype == torch.bfloat16 and anc[k].dtype == torch.float32
+    assert pol[k].dtype == torch.bfloat16 and live[k].dtype == torch.float32 and anc[k].dtype == torch.bfloat16
     # lr 1e-4 steps are below bf16 resolution for most weights: only fp32 master weights accumulate them,
     # and the fp32 anchor (half init, half master) is not representable in bf16
-    assert not torch.equal(anc[k], anc[k].bfloat16().float())
-    assert (anc[k] - init[k]).abs().max() > 0
+    assert not torch.equal(live[k], live[k].bfloat16().float())
+    assert (live[k] - init[k]).abs().max() > 0
+    assert all(torch.equal(anc[n], live[n].bfloat16()) for n in anc)
+    conf = json.loads((out / "anchor" / "config.json").read_text())
+    assert (conf.get("dtype") or conf.get("torch_dtype")) == "bfloat16"
     assert len(metrics(out)) == 2 and all(m["kl_init"] is not None for m in metrics(out))
+
+
+def test_no_save_anchor_writes_no_anchor(tiny_init, files, tmp_path):
+    out = train(cfg(tiny_init, files, tmp_path / "o", steps=1, save_anchor=False))
+    assert not (out / "anchor").exists() and (out / "model.safetensors").is_file()
+    assert any("not saved" in n for n in json.loads((out / "warp_provenance.json").read_text())["notes"])
 
 
 def test_kl_stop_and_checkpoints(tiny_init, files, tmp_path):

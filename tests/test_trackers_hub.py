@@ -132,7 +132,7 @@ def test_trackio_holds_every_metric(tiny_init, tmp_path):
 
 def test_several_trackers_and_comma_lists():
     assert trackers.names(["tensorboard,wandb", "none", "wandb"]) == ["tensorboard", "wandb"]
-    with pytest.raises(WarpError, match="--report-to 'neptune'"):
+    with pytest.raises(WarpError, match="unknown tracker 'neptune'"):
         trackers.names(["neptune"])
 
 
@@ -265,8 +265,8 @@ def test_push_failure_is_one_line(tiny_init, tiny_runs, tmp_path, monkeypatch):
 
 def test_pipeline_reports_each_run_and_the_pareto_summary_then_pushes(tmp_path, fake_hub):
     """report_to: one tracker run per RL run, grouped by the run folder, one for the Pareto summary with its
-    files; push_to_hub: final/ uploaded with the summary in its card. Neither key changes the config's
-    hash (a resume may add or drop them)."""
+    files; push_to_hub: final/ uploaded with the summary in its card; keep: [anchor] keeps the runs'
+    anchors. None of these keys changes the config's hash (a resume may add or drop them)."""
     from pipeline_fixtures import RL, write_config
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tiny import make_tiny_llama
@@ -275,7 +275,7 @@ def test_pipeline_reports_each_run_and_the_pareto_summary_then_pushes(tmp_path, 
     from mergekit_warp.pipeline.run import run_pipeline
 
     init = make_tiny_llama(tmp_path / "sft", seed=3)
-    extra = {"report_to": ["tensorboard"], "push_to_hub": "me/warp"}
+    extra = {"report_to": ["tensorboard"], "push_to_hub": "me/warp", "keep": ["anchor"]}
     cfg = write_config(tmp_path, init, iterations=1, rl={**RL, "steps": 2}, **extra)
     plain = write_config(tmp_path, init, name="plain.yaml", iterations=1, rl={**RL, "steps": 2})
     assert load_config(cfg).digest() == load_config(plain).digest()
@@ -288,5 +288,60 @@ def test_pipeline_reports_each_run_and_the_pareto_summary_then_pushes(tmp_path, 
     acc = EventAccumulator(str(tmp_path / "tb" / "pipe" / "pareto"))
     acc.Reload()
     assert acc.Tags()["scalars"] and "pareto" in acc.Tags()["images"]
+    assert all((tmp_path / "pipe/iter_1" / f"run_{m}" / "anchor" / "model.safetensors").is_file() for m in (1, 2))
     card = (tmp_path / "hub" / "me" / "warp" / "main" / "README.md").read_text()
     assert "Pareto summary" in card and (tmp_path / "pipe" / "eval" / "summary.txt").read_text().strip() in card
+
+
+def test_tensorboard_default_folder_is_not_under_runs(tiny_init, tmp_path, monkeypatch):
+    """Left to its default, tensorboard writes under ./tensorboard/, never inside warp's own runs/ outputs."""
+    monkeypatch.delenv("TENSORBOARD_LOGDIR")
+    out, _ = rl_run(tiny_init, tmp_path, ["tensorboard"])
+    assert list((tmp_path / "tensorboard" / "grp" / "toy").glob("events.out.tfevents.*"))
+    assert not list(out.rglob("events.out.tfevents.*"))
+
+
+def test_a_tracker_that_cannot_start_stops_before_any_work(tiny_init, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")  # mlflow 3 refuses the file store without it
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+    r = runner.invoke(
+        app,
+        ["rl", "--model", str(tiny_init), "--prompts", str(tmp_path / "p.jsonl"), "--reward", "sentiment"]
+        + ["-o", str(tmp_path / "out"), "--report-to", "tensorboard,mlflow", "-q"],
+    )
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--report-to mlflow: could not start" in r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_unknown_tracker_is_named():
+    r = runner.invoke(app, ["rl", "--model", "m", "--prompts", "p", "--reward", "r", "-o", "o", "--report-to", "foo"])
+    assert r.exit_code == 2 and "'foo'" in r.stderr and "['foo']" not in r.stderr
+
+
+def test_push_without_network_is_one_line(tiny_init, tiny_runs, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    class ConnectError(Exception):  # what httpx raises without a network: not an OSError
+        pass
+
+    class Offline(FakeHub):
+        def create_repo(self, *a, **k):
+            raise ConnectError("[Errno -2] Name or service not known")
+
+    class Api:
+        def __new__(cls, *a, **k):
+            return Offline(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    out = api.lerp(tiny_runs[:2], tmp_path / "l", progress=False)
+    r = runner.invoke(app, ["push", str(out), "me/l"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "Name or service" in r.stderr
+
+
+def test_bad_repo_id_is_refused_before_the_merge(tiny_init, tiny_runs, tmp_path, fake_hub):
+    r = runner.invoke(
+        app,
+        ["merge", "lerp", str(tiny_runs[0]), str(tiny_runs[1]), "-o", str(tmp_path / "m"), "--push-to-hub", "bad//id"],
+    )
+    assert r.exit_code == 2 and "bad//id" in r.stderr and not (tmp_path / "m").exists()

@@ -83,20 +83,23 @@ REPORT_HELP = (
     "Also send the results to these experiment trackers: tensorboard, wandb, trackio, mlflow "
     "(repeat or comma-separate; each needs its extra)."
 )
-REPORT = _param("report_to", Optional[list[str]], typer.Option(None, "--report-to", help=REPORT_HELP))
+REPORT = _param(
+    "report_to", Optional[list[str]], typer.Option(None, "--report-to", help=REPORT_HELP, metavar="TRACKER")
+)
 
 
 def _report(given, name: str, config: dict, rows: list[dict], files: list[Path]) -> None:
     """One tracker run `name`: row k of `rows` logged at step k, then `files` as artifacts."""
-    tracker = trackers.open_run(given, name=name, config=config)
-    if tracker is None:
-        return
-    with tracker:
-        for k, row in enumerate(rows):
-            tracker.log(row, k)
-        for f in files:
-            if f.is_file():
-                tracker.artifact(f)
+    with user_errors():
+        tracker = trackers.open_run(given, name=name, config=config)
+        if tracker is None:
+            return
+        with tracker:
+            for k, row in enumerate(rows):
+                tracker.log(row, k)
+            for f in files:
+                if f.is_file():
+                    tracker.artifact(f)
 
 
 FORCE = _param("force", bool, typer.Option(False, "--force", help="Replace an existing output folder."))
@@ -192,7 +195,7 @@ def pareto_cmd(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default RUN_DIR/eval)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output folder."),
     device: Optional[str] = typer.Option(None, help="Default: the config's first device."),
-    report_to: Optional[list[str]] = typer.Option(None, "--report-to", help=REPORT_HELP),
+    report_to: Optional[list[str]] = typer.Option(None, "--report-to", help=REPORT_HELP, metavar="TRACKER"),
 ) -> None:
     """KL–reward front of every iteration (RL runs, SLERP, LITI sweep): pareto.csv, pareto.png, summary."""
     from mergekit_warp.pipeline.run import evaluate_run

@@ -26,9 +26,9 @@ SHARD = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g.
 MEMORY = typer.Option(
     "2GB",
     "--memory-budget",
-    help="Input bytes held in memory at once: each transformer block (or tensor) that fits half of it is "
-    "read from disk once, the next one while this one is merged; larger ones are streamed in chunks "
-    "(0: stream everything).",
+    help="Input bytes held in memory at once: each unit (a transformer block for WARP's SLERP, else a tensor) "
+    "that fits half of it is read from disk once, the next one while this one is merged; larger ones are "
+    "streamed in chunks (0: stream everything).",
 )
 DEVICE = typer.Option("cpu", "--device", help="Where the math runs: cpu or cuda.")
 FORCE = typer.Option(False, "--force", help="Replace an existing output folder.")
@@ -36,8 +36,23 @@ REVISION = typer.Option(None, "--revision", help="Hub revision for inputs given 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
+def _repo_id(value: str | None) -> str | None:
+    """--push-to-hub is checked before the merge, not after it."""
+    if value is None:
+        return None
+    from mergekit_warp.io.hub import check_repo_id
+
+    try:
+        return check_repo_id(value)
+    except WarpError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 PUSH = typer.Option(
-    None, "--push-to-hub", help="Then upload the output to this hub model repo (as `warp push OUT REPO_ID`)."
+    None,
+    "--push-to-hub",
+    help="Then upload the output to this hub model repo (as `warp push OUT REPO_ID`).",
+    callback=_repo_id,
 )
 
 

@@ -15,6 +15,21 @@ from mergekit_warp.io.publish import PROVENANCE, card_lines
 MERGEKIT_YAML = "merge_config.yml"
 
 
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` if the hub would accept it as a model repo id (checked before any work), else a WarpError."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except Exception as e:
+        raise WarpError(
+            f"repo id {repo_id!r} is not valid on the hub ({str(e).splitlines()[0]}); use NAME/REPO"
+        ) from None
+    if "/" not in repo_id:
+        raise WarpError(f"repo id {repo_id!r}: give the owner too, NAME/REPO")
+    return repo_id
+
+
 def finished_output(folder: Path) -> dict[str, Any]:
     """The provenance record of `folder`, or a WarpError saying why it is not a finished `warp` output."""
     folder = Path(folder)
@@ -54,12 +69,8 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, revision: s
     return the commit's URL. `api`: an `HfApi` (default: one with the saved or `HF_TOKEN` login)."""
     folder = Path(folder)
     record = finished_output(folder)
-    try:
-        from huggingface_hub import CommitOperationAdd, HfApi
-        from huggingface_hub.errors import HfHubHTTPError
-    except ImportError:  # older huggingface_hub
-        from huggingface_hub import CommitOperationAdd, HfApi
-        from huggingface_hub.utils import HfHubHTTPError
+    check_repo_id(repo_id)
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     files = [
         p
@@ -79,7 +90,7 @@ def push(folder: Path | str, repo_id: str, *, private: bool = False, revision: s
             commit_message=f"{record.get('method', 'warp')} output, uploaded with mergekit-warp",
             revision=revision,
         )
-    except (HfHubHTTPError, OSError, ValueError) as e:
+    except Exception as e:  # HTTP errors, no login, no network (httpx's own errors): one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WarpError(
             f"push of {folder} to {repo_id} failed: {first}; check the repo id, your login (huggingface-cli login "

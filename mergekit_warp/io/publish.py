@@ -108,6 +108,21 @@ def copy_support_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def set_config_dtype(folder: Path, dtype) -> None:
+    """Say in FOLDER/config.json that the weights are `dtype` (a torch dtype), so
+    `from_pretrained(dtype="auto")` picks it; nothing without a config.json."""
+    from mergekit_warp.dtypes import hf_name
+
+    cfg = Path(folder) / "config.json"
+    if not cfg.is_file():
+        return
+    data = json.loads(cfg.read_text())
+    for key in ("torch_dtype", "dtype"):
+        if key in data:
+            data[key] = hf_name(dtype)
+    cfg.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def fingerprint(path: Path) -> str:
     """A content hash of a checkpoint that is cheap for 70B models: sha256 over the safetensors index
     and every shard's header (names, dtypes, shapes, offsets) plus file sizes, not the full bytes.

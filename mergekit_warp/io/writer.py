@@ -40,6 +40,8 @@ def parse_size(text: str | int, option: str = "--max-shard-size", zero: bool = F
     """'5GB' → 5·10⁹ bytes (HF's convention), '500MiB' → 500·2²⁰, 12345 → 12345."""
     if isinstance(text, int):
         size = text
+    elif str(text).strip().startswith("-"):
+        raise WarpError(f"{option} {text!r}: must not be negative")
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
         if not m or m.group(2).upper() not in _UNITS:

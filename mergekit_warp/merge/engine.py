@@ -18,7 +18,6 @@ Gram matrix of a group of tensors in fp64, chunk by chunk).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,9 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mergekit_warp.dtypes import hf_name
 from mergekit_warp.errors import WarpError
-from mergekit_warp.io.publish import copy_support_files
+from mergekit_warp.io.publish import copy_support_files, set_config_dtype
 from mergekit_warp.io.reader import CheckpointReader
 from mergekit_warp.io.writer import BackgroundWriter, OutTensor, ShardWriter
 from mergekit_warp.merge import math as mmath
@@ -279,14 +277,8 @@ def finish_folder(folder: Path, support_from: Path | None, dtype: torch.dtype | 
     """Copy config/tokenizer files; when the output dtype was chosen, say so in config.json so
     `from_pretrained(dtype="auto")` picks it."""
     copied = copy_support_files(support_from, folder) if support_from else []
-    cfg = folder / "config.json"
-    if dtype is not None and cfg.is_file():
-        data = json.loads(cfg.read_text())
-        name = hf_name(dtype)
-        for key in ("torch_dtype", "dtype"):
-            if key in data:
-                data[key] = name
-        cfg.write_text(json.dumps(data, indent=2) + "\n")
+    if dtype is not None:
+        set_config_dtype(folder, dtype)
     return copied
 
 

@@ -129,9 +129,22 @@ class PipelineConfig(_Frozen):
     """Experiment trackers (tensorboard, wandb, trackio, mlflow): one tracker run per RL run, grouped by
     the run folder, and one for the Pareto summary with its files."""
 
+    keep: tuple[Literal["anchor"], ...] = ()
+    """What stays of each RL run besides its policy and metrics: `anchor` (its final EMA anchor, anchor/).
+    By default the anchors are not written: WARP's later steps use the policies only."""
     push_to_hub: str | None = None
     """A hub model repo: when the run is done, its final/ is uploaded there (as `warp push`), the card
     carrying the Pareto summary."""
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo(cls, v: str | None) -> str | None:
+        from mergekit_warp.io.hub import check_repo_id
+
+        try:
+            return None if v is None else check_repo_id(v)
+        except WarpError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -185,7 +198,9 @@ class PipelineConfig(_Frozen):
 
     def digest(self) -> str:
         """Hash of the resolved config; a resumed run must have the same one."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"report_to", "push_to_hub"}), sort_keys=True).encode()
+        blob = json.dumps(
+            self.model_dump(mode="json", exclude={"report_to", "push_to_hub", "keep"}), sort_keys=True
+        ).encode()
         return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 

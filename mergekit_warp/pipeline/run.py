@@ -30,7 +30,8 @@ from mergekit_warp.io.publish import check_disjoint
 from mergekit_warp.pipeline.config import PipelineConfig, load_config
 from mergekit_warp.pipeline.layout import CONFIG, Layout
 from mergekit_warp.pipeline.manifest import Manifest, output_hash
-from mergekit_warp.progress import Log
+from mergekit_warp.pipeline.status import disk_bytes
+from mergekit_warp.progress import Log, size
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ def _run(cfg: PipelineConfig, config_path: Path, run_dir: Path, sft: Path, resum
         init = out
 
     summary = _pareto_step(cfg, lay, manifest, sft, log) if cfg.eval.enabled else None
+    steps = [(n, disk_bytes(run_dir / n)) for n, _ in lay.steps(cfg.eval.enabled)]
+    log("disk: " + ", ".join(f"{n} {size(b)}" for n, b in steps) + f"; {size(disk_bytes(run_dir))} in all")
     log(f"done: final policy {lay.final}")
     if cfg.push_to_hub:
         from mergekit_warp.io.hub import push
@@ -411,6 +414,7 @@ def _rl_config(cfg: PipelineConfig, i: int, m: int, init: Path, out: Path, *, re
         run_name=f"{out.parent.name}/{out.name}",  # iter_i/run_m, grouped by the run folder
         run_group=out.parent.parent.name,
     )
+    fields["save_anchor"] = "anchor" in cfg.keep
     if cfg.report_to:  # the pipeline's trackers (else an rl: report_to of its own, if any)
         fields["report_to"] = list(cfg.report_to)
     section = "rl" if not cfg.per_run or not cfg.per_run[m - 1] else f"rl/per_run.{m - 1}"

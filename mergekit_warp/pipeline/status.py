@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import time
 from pathlib import Path
 
@@ -87,6 +88,21 @@ def _shown(step: Step | None, m: dict) -> dict:
     return {}
 
 
+def disk_bytes(*paths: Path) -> int:
+    """Bytes of the files under `paths` (files or folders; missing ones count 0), each hard-linked file
+    once (an RL run's checkpoints are linked from its work folder into its output)."""
+    seen, total = set(), 0
+    for path in paths:
+        if not path.exists():
+            continue
+        for p in [path] if not path.is_dir() else path.rglob("*"):
+            st = p.lstat()
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
 def status_rows(run_dir: Path) -> dict:
     """The run's state as data: the init and, per planned step, its kind, status, progress and ETA of a
     running step, device, seconds, key metrics and error (`warp pipeline status --json`)."""
@@ -114,11 +130,18 @@ def status_rows(run_dir: Path) -> dict:
                 "eta_s": eta,
                 "device": (s.device if s else None) or "",
                 "seconds": seconds,
+                "disk_bytes": disk_bytes(run_dir / name, run_dir / f"{name}.partial"),
                 "metrics": _shown(s, m),
                 "error": s.error if s is not None and status == "failed" else None,
             }
         )
-    return {"run": str(run_dir.resolve()), "init": man.config.get("init"), "init_path": init_path, "steps": rows}
+    return {
+        "run": str(run_dir.resolve()),
+        "init": man.config.get("init"),
+        "init_path": init_path,
+        "disk_bytes": disk_bytes(run_dir),
+        "steps": rows,
+    }
 
 
 _LABELS = {k: label for label, k in _RL_KEYS} | {"merged_minus_sft_reward": "merged−SFT reward"}
@@ -134,14 +157,14 @@ def status_table(data: dict):
     """A rich table of a run's `status_rows`."""
     from rich.table import Table
 
-    from mergekit_warp.progress import duration
+    from mergekit_warp.progress import duration, size
 
     init = data["init"] if data["init_path"] in (None, data["init"]) else f"{data['init']} ({data['init_path']})"
     t = Table(
-        title=f"warp pipeline — {data['run']}\ninit θ_sft: {init}",
+        title=f"warp pipeline — {data['run']} ({size(data['disk_bytes'])} on disk)\ninit θ_sft: {init}",
         caption="KL_init: KL to the iteration's own init (θ_sft in iteration 1, iter_{i−1}/liti after)",
     )
-    for col in ("step", "kind", "status", "device", "time", "metrics"):
+    for col in ("step", "kind", "status", "device", "time", "disk", "metrics"):
         t.add_column(col)
     style = {"done": "green", "failed": "red", "interrupted": "yellow", "pending": "dim"}
     for r in data["steps"]:
@@ -154,7 +177,8 @@ def status_table(data: dict):
         if r["error"]:
             shown += f"  {r['error'][:80]}"
         color = style.get(r["status"], "cyan")
-        t.add_row(r["step"], r["kind"], f"[{color}]{status}[/{color}]", r["device"], time_, shown)
+        disk = size(r["disk_bytes"]) if r["disk_bytes"] else ""
+        t.add_row(r["step"], r["kind"], f"[{color}]{status}[/{color}]", r["device"], time_, disk, shown)
     return t
 
 

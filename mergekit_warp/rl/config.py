@@ -146,6 +146,11 @@ class RLConfig(BaseModel):
     resume: bool = Field(False, description="Continue from OUT.partial/ (or return OUT if the run already finished).")
     force: bool = Field(False, description="Replace an existing OUT (and discard an existing OUT.partial/).")
     progress: bool = Field(True, description="Show the live view on stderr.")
+    save_anchor: bool = Field(
+        True,
+        description="Write the final EMA anchor to OUT/anchor/ (in the policy's dtype); --no-save-anchor saves "
+        "the disk (WARP's merges use the policies only).",
+    )
     report_to: Optional[list[str]] = Field(
         None,
         description="Also send every metric to these experiment trackers: tensorboard, wandb, trackio, mlflow "
@@ -216,6 +221,7 @@ ADDED_OPTIONS = {
     "top_k": 0,
     "stop": None,
     "max_prompt_length": None,
+    "save_anchor": True,
     "report_to": None,
     "run_name": None,
     "run_group": None,
@@ -235,6 +241,7 @@ RESUMABLE_CHANGES = frozenset(
         "eval_every",
         "threads",
         "parallel",
+        "save_anchor",
         "report_to",
         "run_name",
         "run_group",

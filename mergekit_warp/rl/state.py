@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.atomic import recover, staged, write_atomic
-from mergekit_warp.io.publish import copy_support_files, write_provenance
+from mergekit_warp.io.publish import copy_support_files, set_config_dtype, write_provenance
 from mergekit_warp.lm.models import quiet_transformers
 from mergekit_warp.rl.dist_state import copy_full_into, shard_optimizer_state
 
@@ -42,18 +42,32 @@ def partial_dir(out: Path) -> Path:
     return Path(out).parent / f"{Path(out).name}.partial"
 
 
-def write_hf(model, src: Path, folder: Path, state_dict: dict | None = None) -> None:
+def write_hf(model, src: Path, folder: Path, state_dict: dict | None = None, dtype: torch.dtype | None = None) -> None:
     """Save `model` as an HF folder with the source folder's config/tokenizer files, unchanged.
-    `state_dict`: the weights to write instead of the model's own (gathered from FSDP shards)."""
+    `state_dict`: the weights to write instead of the model's own (gathered from FSDP shards, or cast);
+    `dtype`: theirs, when it is not the model's (config.json says so)."""
     copy_support_files(Path(src), folder)
     kwargs = {"state_dict": dict(state_dict)} if state_dict is not None else {}  # HF pops from it: copy
     with quiet_transformers():  # no "Writing model shards" bar for every checkpoint
         model.save_pretrained(folder, **kwargs)  # after the copy: config.json must describe the saved dtype
     # transformers may write the weights through a private (0600) temporary file: give them the mode of
     # the config.json it wrote beside them with a plain open() (the process's umask, read without setting it)
+    if dtype is not None:
+        set_config_dtype(folder, dtype)
     mode = (Path(folder) / "config.json").stat().st_mode & 0o777
     for f in Path(folder).glob("*.safetensors*"):
         os.chmod(f, mode)
+
+
+def cast(named: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`named` in `dtype`, tensors that shared memory (tied embeddings) still one tensor."""
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in named.items():
+        if v.data_ptr() not in done:
+            done[v.data_ptr()] = v.to(dtype)
+        out[k] = done[v.data_ptr()]
+    return out
 
 
 def write_checkpoint(model, src: Path, folder: Path, step: int, params: dict, state_dict: dict | None = None) -> None:

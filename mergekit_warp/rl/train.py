@@ -450,16 +450,21 @@ def _train(cfg: RLConfig) -> Path:
     if plan == "done":
         return out
     par.barrier()  # every rank has checked OUT and OUT.partial before rank 0 writes
-    run = setup(cfg, par, work, resuming=plan == "resume")
+    tracker = (  # opened before anything is written: a tracker that cannot start stops the run here
+        trackers.open_run(cfg.report_to, name=cfg.run_name or out.name, group=cfg.run_group, config=_options(cfg, par))
+        if par.is_main
+        else None
+    )
+    try:
+        run = setup(cfg, par, work, resuming=plan == "resume")
+    except BaseException:
+        if tracker is not None:
+            tracker.close()
+        raise
     fresh = plan == "start"
 
     view = Steps("rl", cfg.progress and par.is_main, cfg.steps, run.step)
     t_run, stopped, first = time.time(), "steps", run.step
-    tracker = (
-        trackers.open_run(cfg.report_to, name=cfg.run_name or out.name, group=cfg.run_group, config=_record(run))
-        if par.is_main
-        else None
-    )
     try:
         while run.step < cfg.steps:
             metrics = step(run)
@@ -544,12 +549,16 @@ def save(run: Run, checkpoint: bool) -> None:
 
 
 def _record(run: Run) -> dict:
-    """The parameters recorded in every output's provenance."""
+    """The parameters recorded in every output's provenance (and a tracker run's config)."""
+    return _options(run.cfg, run.par)
+
+
+def _options(cfg: RLConfig, par: Parallel) -> dict:
     return {
-        **run.cfg.as_dict(),
-        "logprob_temperature": run.cfg.temperature,
-        "reward_identity": describe_reward(run.cfg.reward),
-        "world_size": run.par.world_size,
+        **cfg.as_dict(),
+        "logprob_temperature": cfg.temperature,
+        "reward_identity": describe_reward(cfg.reward),
+        "world_size": par.world_size,
     }
 
 
@@ -559,7 +568,7 @@ def publish(run: Run, out: Path, stopped: str) -> Path:
     par.check(run.policy, "policy")
     par.check(run.anchor, "anchor")
     policy_sd = par.full(dict(run.policy.state_dict())) if par.fsdp else None  # collective
-    anchor_sd = par.full(dict(run.anchor.state_dict())) if par.fsdp else None
+    anchor_sd = par.full(dict(run.anchor.state_dict())) if par.fsdp and cfg.save_anchor else None
     if not par.is_main:
         par.barrier()  # return once rank 0 has published
         return out
@@ -567,9 +576,12 @@ def publish(run: Run, out: Path, stopped: str) -> Path:
     saved_force = st.read_config(work).get("force", False)
     with publishing(out, _inputs(cfg), force=cfg.force or saved_force) as tmp:
         st.write_hf(run.policy, run.src, tmp, policy_sd)
-        (tmp / "anchor").mkdir()
-        st.write_hf(run.anchor, run.src, tmp / "anchor", anchor_sd)
-        write_provenance(tmp / "anchor", f"{METHOD}-anchor", record, {"init": run.src})
+        if cfg.save_anchor:  # in the policy's dtype, like the policy (the fp32 EMA lived in the state)
+            dtype = parse_dtype(cfg.dtype)
+            sd = anchor_sd if anchor_sd is not None else dict(run.anchor.state_dict())
+            (tmp / "anchor").mkdir()
+            st.write_hf(run.anchor, run.src, tmp / "anchor", st.cast(sd, dtype), dtype=dtype)
+            write_provenance(tmp / "anchor", f"{METHOD}-anchor", record, {"init": run.src})
         st.link_tree(work / "checkpoints", tmp / "checkpoints")
         shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
         inputs: dict[str, Any] = {"init": run.src, "prompts": cfg.prompts}
@@ -579,7 +591,9 @@ def publish(run: Run, out: Path, stopped: str) -> Path:
             f"stopped by {stopped}; {run.step} optimiser steps",
             f"log-probs (loss and KL) use the sampling temperature {cfg.temperature} over the full vocabulary "
             f"(top-p {cfg.top_p} and top-k {cfg.top_k or 'off'} only restrict the draws)",
-            f"anchor: {cfg.anchor} (fp32), baseline: {cfg.baseline}, seed: {cfg.seed}",
+            f"anchor: {cfg.anchor} (fp32 while training; "
+            + (f"saved in {cfg.dtype} in anchor/)" if cfg.save_anchor else "not saved: --no-save-anchor)")
+            + f", baseline: {cfg.baseline}, seed: {cfg.seed}",
         ]
         if par.world_size > 1:
             notes.append(

@@ -172,26 +172,30 @@ def build(f: Family, readers: list[CheckpointReader], s: Settings, ctx: Context)
 
 def combine(p: TensorPlan, name: str, fetch: Fetch, seed: int) -> Tensor:
     """One chunk: the task vectors one model at a time into running sums (memory flat in the number of
-    models): Σ w·s(δ), and with consensus its positive part, the weights of each sign, the sign votes
-    (the negative part is the total minus the positive)."""
+    models): Σ w·s(δ), and with consensus its positive and negative parts, the weights of each sign, the
+    sign votes. NaN/Inf in a task vector is reported even where the drop removes it."""
     import torch
 
+    from mergekit_warp.merge.engine import check_finite
     from mergekit_warp.merge.methods.sparsify import dropped
 
     base = fetch(0).to(torch.float32, copy=True)
     total = torch.zeros_like(base)
     if p.vote:
-        pos, w_pos, w_neg = (torch.zeros_like(base) for _ in range(3))
+        pos, neg, w_pos, w_neg = (torch.zeros_like(base) for _ in range(4))
         votes = torch.zeros_like(base) if p.vote == "count" else None
     for m, (w, drop) in enumerate(zip(p.weights, p.drops)):
         d = fetch(m + 1).to(torch.float32, copy=True).sub_(base)
         gone = dropped(drop, d, seed, name, m, fetch.start, p.row)
         if gone is not None:
+            if not bool(torch.isfinite(d.sum())):  # (the output check would miss a dropped NaN)
+                check_finite(d, [fetch.readers[0], fetch.readers[m + 1]], name, d.device, d.numel())
             d.masked_fill_(gone, 0.0)
         d.mul_(w * drop.scale)
         total.add_(d)
         if p.vote:
             up, down = d > 0, d < 0
+            neg.add_(d.clamp(max=0))
             pos.add_(d.relu_())  # d is not needed past this point
             w_pos.add_(up, alpha=w)
             w_neg.add_(down, alpha=w)
@@ -200,7 +204,7 @@ def combine(p: TensorPlan, name: str, fetch: Fetch, seed: int) -> Tensor:
         del d, gone
     if p.vote:
         up = (total if votes is None else votes) >= 0
-        mixed = torch.where(up, pos, total.sub_(pos))
+        mixed = torch.where(up, pos, neg)
         if p.normalize:
             div = torch.where(up, w_pos, w_neg)
             mixed.div_(div.masked_fill_(div == 0, 1.0))
