@@ -57,7 +57,11 @@ def options_from(
         elif typing.get_origin(kind) is typing.Literal:
             kind = str  # choices are checked (and named in the error) by the model
         required = f.is_required()
-        option = typer.Option(... if required else f.default, *decls, help=f.description, show_default=not required)
+        inner = [kind, *typing.get_args(kind)]  # Optional[list[str]]: a repeatable option of strings
+        metavar = "TEXT" if any(typing.get_origin(a) is list for a in inner) else None
+        option = typer.Option(
+            ... if required else f.default, *decls, help=f.description, show_default=not required, metavar=metavar
+        )
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
     return params
 
