@@ -125,6 +125,29 @@ def open_run(
     )
 
 
+def report(
+    given: Iterable[str] | None,
+    name: str,
+    config: dict[str, Any],
+    rows: list[dict[str, Any]],
+    files: Iterable[Path] = (),
+    *,
+    group: str | None = None,
+    first_step: int = 0,
+) -> None:
+    """Results in one tracker run `name`: row k of `rows` at step first_step + k, then the `files` that
+    exist as artifacts (an evaluation, a pipeline's Pareto summary); nothing when no tracker is asked for."""
+    run = open_run(given, name=name, group=group, config=config)
+    if run is None:
+        return
+    with run:
+        for k, row in enumerate(rows):
+            run.log(row, first_step + k)
+        for f in files:
+            if Path(f).is_file():
+                run.artifact(Path(f))
+
+
 def _open(kind: str, *, name: str, group: str | None, config: dict[str, Any], project: str):
     return {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio, "mlflow": _MLflow}[kind](
         name, group, config, project

@@ -188,18 +188,22 @@ class FakeHub:
         return Info()
 
 
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
+def serve(monkeypatch, fake: FakeHub) -> FakeHub:
+    """`huggingface_hub.HfApi()` returns `fake` (still a class, as `HfApi | None` annotations in
+    transformers need)."""
     import huggingface_hub
 
-    fake = FakeHub(tmp_path / "hub")
-
-    class Api:  # a class, as `HfApi | None` annotations elsewhere (transformers) need
+    class Api:
         def __new__(cls, *a, **k):
             return fake
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     return fake
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    return serve(monkeypatch, FakeHub(tmp_path / "hub"))
 
 
 def test_push_uploads_the_folder_with_a_card_and_leaves_it_unchanged(tiny_init, tiny_runs, tmp_path, fake_hub):
@@ -247,17 +251,11 @@ def test_push_refuses_what_is_not_a_finished_output(tiny_init, tmp_path, fake_hu
 
 
 def test_push_failure_is_one_line(tiny_init, tiny_runs, tmp_path, monkeypatch):
-    import huggingface_hub
-
     class NoLogin(FakeHub):
         def create_repo(self, *a, **k):
             raise OSError("Token is required (`token=True`), but no token found.")
 
-    class Api:
-        def __new__(cls, *a, **k):
-            return NoLogin(tmp_path)
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    serve(monkeypatch, NoLogin(tmp_path))
     out = api.lerp(tiny_runs[:2], tmp_path / "l", progress=False)
     with pytest.raises(WarpError, match=r"no token found.*login"):
         hub.push(out, "me/l")
@@ -320,8 +318,6 @@ def test_unknown_tracker_is_named():
 
 
 def test_push_without_network_is_one_line(tiny_init, tiny_runs, tmp_path, monkeypatch):
-    import huggingface_hub
-
     class ConnectError(Exception):  # what httpx raises without a network: not an OSError
         pass
 
@@ -329,11 +325,7 @@ def test_push_without_network_is_one_line(tiny_init, tiny_runs, tmp_path, monkey
         def create_repo(self, *a, **k):
             raise ConnectError("[Errno -2] Name or service not known")
 
-    class Api:
-        def __new__(cls, *a, **k):
-            return Offline(tmp_path)
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    serve(monkeypatch, Offline(tmp_path))
     out = api.lerp(tiny_runs[:2], tmp_path / "l", progress=False)
     r = runner.invoke(app, ["push", str(out), "me/l"])
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "Name or service" in r.stderr

@@ -17,6 +17,7 @@ from mergekit_warp import trackers
 from mergekit_warp.cli.common import user_errors, with_parameters
 from mergekit_warp.errors import WarpError, build
 from mergekit_warp.eval.settings import EvalSettings
+from mergekit_warp.pipeline.layout import PARETO_FILES
 
 
 class _ScoreByDefault(TyperGroup):
@@ -89,17 +90,9 @@ REPORT = _param(
 
 
 def _report(given, name: str, config: dict, rows: list[dict], files: list[Path]) -> None:
-    """One tracker run `name`: row k of `rows` logged at step k, then `files` as artifacts."""
+    """`trackers.report`, its failures as one line."""
     with user_errors():
-        tracker = trackers.open_run(given, name=name, config=config)
-        if tracker is None:
-            return
-        with tracker:
-            for k, row in enumerate(rows):
-                tracker.log(row, k)
-            for f in files:
-                if f.is_file():
-                    tracker.artifact(f)
+        trackers.report(given, name, config, rows, files)
 
 
 FORCE = _param("force", bool, typer.Option(False, "--force", help="Replace an existing output folder."))
@@ -209,13 +202,7 @@ def pareto_cmd(
     print(result.csv)
     print(result.png)
     folder = Path(result.csv).parent
-    _report(
-        report_to,
-        "eval-pareto",
-        {"run_dir": str(run_dir)},
-        [result.headline],
-        [folder / f for f in ("summary.txt", "summary.json", "pareto.csv", "pareto.png")],
-    )
+    _report(report_to, "eval-pareto", {"run_dir": str(run_dir)}, [result.headline], [folder / f for f in PARETO_FILES])
 
 
 eval_app.command("score")(

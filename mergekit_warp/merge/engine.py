@@ -189,11 +189,10 @@ def write_pass(
                         r.release(name)
                     advance(0, 1)
     except BaseException:
-        ahead.shutdown(wait=True, cancel_futures=True)
         writer.abort()
         raise
     finally:
-        ahead.shutdown(wait=True)
+        ahead.shutdown(wait=True, cancel_futures=True)  # (nothing is pending after the last unit)
         for r in readers:
             r.held.clear()
     writer.close()

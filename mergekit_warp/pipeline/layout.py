@@ -20,6 +20,7 @@ from pathlib import Path
 MANIFEST = "run.json"
 CONFIG = "config.yaml"
 EVAL = "eval"
+PARETO_FILES = ("summary.txt", "summary.json", "pareto.csv", "pareto.png")  # what the Pareto evaluation writes
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from mergekit_warp.errors import WarpError
 from mergekit_warp.io.atomic import claim
 from mergekit_warp.io.publish import check_disjoint
 from mergekit_warp.pipeline.config import PipelineConfig, load_config
-from mergekit_warp.pipeline.layout import CONFIG, Layout
+from mergekit_warp.pipeline.layout import CONFIG, PARETO_FILES, Layout
 from mergekit_warp.pipeline.manifest import Manifest, output_hash
 from mergekit_warp.pipeline.status import disk_bytes
 from mergekit_warp.progress import Log, size
@@ -295,13 +295,15 @@ def _pareto_step(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path
         lambda: evaluate_run(lay.root, cfg=cfg, sft=sft, force=True, progress=log.enabled, on_point=progress),
     )
     manifest.finish(name, None, result.headline)
-    tracker = trackers.open_run(cfg.report_to, name="pareto", group=lay.root.name, config=cfg.model_dump(mode="json"))
-    if tracker is not None:  # the summary's numbers as metrics, the files as artifacts
-        with tracker:
-            tracker.log(result.headline, cfg.iterations)
-            for f in ("summary.txt", "summary.json", "pareto.csv", "pareto.png"):
-                if (lay.eval / f).is_file():
-                    tracker.artifact(lay.eval / f)
+    trackers.report(
+        cfg.report_to,
+        "pareto",
+        cfg.model_dump(mode="json"),
+        [result.headline],
+        [lay.eval / f for f in PARETO_FILES],
+        group=lay.root.name,
+        first_step=cfg.iterations,
+    )
     return result.summary
 
 
