@@ -60,10 +60,11 @@ def pipe_init(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, pipe_init) -> Path:
-    """A complete, uninterrupted 2-iteration × 2-run pipeline with its Pareto evaluation."""
+    """A complete, uninterrupted 2-iteration × 2-run pipeline with its Pareto evaluation, keeping every
+    checkpoint (the tests read them)."""
     from mergekit_warp.pipeline.run import run_pipeline
 
     base = tmp_path_factory.mktemp("pipe_ref")
-    cfg = write_config(base, pipe_init)
+    cfg = write_config(base, pipe_init, keep=["policy", "merges"])
     run_pipeline(cfg, base / "run", progress=False)
     return base / "run"

@@ -26,6 +26,7 @@ STEPS = [
     "iter_1/run_2",
     "iter_1/slerp",
     "iter_1/liti",
+    "iter_1/eval",
     "iter_2/run_1",
     "iter_2/run_2",
     "iter_2/slerp",
@@ -51,7 +52,7 @@ def test_two_by_two_run_completes(reference_run):
     for name in STEPS:
         s = man.steps[name]
         assert s.status == "done", (name, s)
-        if name != "eval":
+        if not name.endswith("eval"):
             assert s.output == name and s.hash == output_hash(run / name) and s.hash.startswith("sha256:")
     assert man.steps["iter_2/run_1"].inputs["init"]["hash"] == output_hash(run / "iter_1/liti")
     assert man.steps["iter_1/run_1"].metrics["step"] == 3  # the RL run's last logged step
@@ -130,7 +131,9 @@ def test_kill_at_step_boundary_then_resume(tmp_path, pipe_init, reference_run):
     run_pipeline(cfg, run, resume=True, progress=False)
     man = Manifest.load(run)
     assert all(man.steps[n].started == t for n, t in started.items())  # verified and skipped, not redone
-    assert all(s.status == "done" for s in man.steps.values())
+    # by default only final/ keeps its weights once the run is done
+    assert {n for n, s in man.steps.items() if s.status != "pruned"} == {"final"}
+    assert man.steps["final"].status == "done"
     _same_weights(run / "final", reference_run / "final")
 
 
@@ -165,7 +168,7 @@ def test_resume_refuses_changed_config(tmp_path, pipe_init, reference_run):
 
 
 def test_resume_redoes_step_whose_output_changed(tmp_path, pipe_init):
-    cfg = write_config(tmp_path, pipe_init, iterations=1, eval={"enabled": False})
+    cfg = write_config(tmp_path, pipe_init, iterations=1, eval={"enabled": False}, keep=["policy", "merges"])
     run = tmp_path / "run"
     run_pipeline(cfg, run, progress=False)
     before = Manifest.load(run)
@@ -180,7 +183,7 @@ def test_resume_redoes_step_whose_output_changed(tmp_path, pipe_init):
 @pytest.mark.slow
 def test_parallel_devices_match_sequential(tmp_path, pipe_init, reference_run):
     """devices: [cpu, cpu] runs the two RL runs of each iteration in two worker processes."""
-    cfg = write_config(tmp_path, pipe_init, devices=["cpu", "cpu"], eval={"enabled": False})
+    cfg = write_config(tmp_path, pipe_init, devices=["cpu", "cpu"], eval={"enabled": False}, keep=["policy"])
     run = tmp_path / "run"
     run_pipeline(cfg, run, progress=False)
     man = Manifest.load(run)
@@ -196,7 +199,13 @@ def test_parallel_devices_match_sequential(tmp_path, pipe_init, reference_run):
 def test_single_run_and_sft_target(tmp_path, pipe_init):
     """M = 1: the run is its own merge (no SLERP step); target sft: every LITI interpolates toward θ_sft."""
     cfg = write_config(
-        tmp_path, pipe_init, runs=1, liti={"eta": 0.4, "target": "sft"}, eval={"enabled": False}, rl={**RL, "steps": 2}
+        tmp_path,
+        pipe_init,
+        runs=1,
+        liti={"eta": 0.4, "target": "sft"},
+        eval={"enabled": False},
+        rl={**RL, "steps": 2},
+        keep=["policy", "merges"],
     )
     run = tmp_path / "run"
     run_pipeline(cfg, run, progress=False)

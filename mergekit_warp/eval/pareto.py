@@ -6,11 +6,17 @@ fronts; η > 1 extrapolates). Also θ_sft, each iteration's init and the final o
 reward and KL(π‖π_sft) come from `score.Evaluator` on the held-out prompts; interpolated checkpoints
 exist only in memory. The caller lists the checkpoints (`Iteration`); the pipeline builds that list
 from its run folder.
+
+Every score is also written to `scores.json`, keyed by the identities of the checkpoints it comes from
+(the caller's `key_of`: the pipeline uses their recorded hashes) and by the recipe (θ_sft, prompts,
+reward, settings, device). Given back as `known`, those points are not sampled again: the pipeline
+evaluates each iteration as soon as it is merged, and may then delete its checkpoints.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -28,6 +34,8 @@ from mergekit_warp.io.atomic import claim, staged
 from mergekit_warp.io.publish import check_output_path
 from mergekit_warp.lm.rewards import reward_inputs
 from mergekit_warp.progress import Log
+
+SCORES = "scores.json"
 
 
 @dataclass(frozen=True)
@@ -83,63 +91,78 @@ def pareto(
     progress: bool = True,
     title: str = "WARP Pareto front",
     on_point: Callable[[int, int], None] | None = None,
+    known: dict[str, Score] | None = None,
+    key_of: Callable[[Path], str] | None = None,
+    gone: Callable[[Path], str | None] | None = None,
 ) -> ParetoResult:
     """Score θ_sft, and per iteration its init, RL runs, merge, the LITI sweep
     (1 − η)·θ_target + η·θ_merged for each η (`target` 'sft' or 'init'), and the final output; write
-    `out/` (pareto.csv, pareto.png, summary.txt, summary.json) atomically. `on_point(done, total)` is
-    called after each point (for a progress display)."""
+    `out/` (pareto.csv, pareto.png, summary.txt, summary.json, scores.json) atomically.
+    `on_point(done, total)` is called after each point (for a progress display). `known`: scores of
+    earlier evaluations (`load_scores`), keyed by `key_of(checkpoint)` (default: its resolved path);
+    `gone(checkpoint)`: why a checkpoint can no longer be read (None when it can), for a point that
+    is not known."""
     if not etas or any(not math.isfinite(e) or e < 0 for e in etas):
         raise WarpError(f"--etas {etas}: η values must be finite and ≥ 0")
     if not iterations:
         raise WarpError("no iteration has finished its RL runs and merge yet; nothing to evaluate")
     checkpoints = [sft, *(p for it in iterations for p in (it.init, *it.runs, it.merged, it.final) if p)]
     out = check_output_path(Path(out), [*checkpoints, prompts, *reward_inputs(reward)], force)
-    ev = Evaluator(sft, prompts, reward, settings, device)
+    settings = settings.resolved()
+    recipe = score_recipe(prompts, reward, settings, device)
+    key_of = key_of or (lambda p: str(Path(p).resolve()))
     say = Log(progress)
-    cache: dict[tuple, Score] = {}
+    known = {k: v for k, v in (known or {}).items() if json.loads(k)[0] == recipe}
 
-    def at(name: str, target: Path, merged: Path, eta: float) -> Score:
-        # θ(η=0) is θ_target itself; identical weights are scored once.
-        key = (
-            ("w", str(target.resolve()))
-            if eta == 0 or target.resolve() == merged.resolve()
-            else ("liti", str(target.resolve()), str(merged.resolve()), eta)
-        )
-        if key not in cache:
-            ev.load_liti(target, merged, eta)
-            cache[key] = ev.score(name, str(merged if key[0] == "liti" else target))
-            s = cache[key]
+    # The points, in order: (iteration, kind, η, name, θ_target, θ_merged, interpolation η).
+    plan: list[tuple[int, str, float | None, str, Path, Path, float]] = [(0, "sft", None, "sft", sft, sft, 0.0)]
+    for it in iterations:
+        i = it.index
+        if i > 1:
+            plan.append((i, "init", None, f"iter_{i}/init", it.init, it.init, 0.0))
+        plan += [(i, "rl", None, f"iter_{i}/run_{m}", r, r, 1.0) for m, r in enumerate(it.runs, 1)]
+        plan.append((i, "slerp", None, f"iter_{i}/slerp", it.merged, it.merged, 1.0))
+        toward = sft if target == "sft" else it.init
+        plan += [(i, "liti", e, f"iter_{i}/liti(eta={e:g})", toward, it.merged, e) for e in sorted(set(etas))]
+        if it.final is not None:
+            plan.append((i, "final", None, "final", it.final, it.final, 1.0))
+
+    def same(a: Path, b: Path, eta: float) -> bool:  # θ(η=0) is θ_target itself
+        return eta == 0 or a.resolve() == b.resolve()
+
+    def key(a: Path, b: Path, eta: float) -> str:  # identical weights are scored once
+        return json.dumps([recipe, key_of(a)] if same(a, b, eta) else [recipe, key_of(a), key_of(b), eta])
+
+    for _, _, _, name, a, b, eta in plan:  # the checkpoints of every point to sample, before any work
+        if key(a, b, eta) not in known and gone is not None:
+            for p in (a,) if same(a, b, eta) else (a, b):
+                if why := gone(p):
+                    raise WarpError(f"point {name} is not in the stored scores and {p} {why}")
+
+    scores = dict(known)
+    ev: Evaluator | None = None  # built on the first point to sample
+    points: list[Point] = []
+    shown = 0
+    for i, kind, eta, name, a, b, e in plan:
+        k = key(a, b, e)
+        if k not in scores:
+            ev = ev or Evaluator(sft, prompts, reward, settings, device)
+            ev.load_liti(a, b, e)
+            scores[k] = s = ev.score(name, str(a if same(a, b, e) else b))
+            if i > shown:
+                say(f"iteration {i}")
+                shown = i
             say(
                 f"  {name:<24} reward {s.reward:+.4f} ± {s.reward_se:.4f}   KL {s.kl:7.3f} ± {s.kl_se:.3f}   len {s.length:.1f}"
             )
-        s = cache[key]
-        return Score(**{**asdict(s), "name": name})
-
-    points: list[Point] = []
-    total = 1 + sum((it.index > 1) + len(it.runs) + 1 + len(set(etas)) + (it.final is not None) for it in iterations)
-
-    def add(point: Point) -> None:
-        points.append(point)
+        points.append(Point(i, kind, eta, Score(**{**asdict(scores[k]), "name": name})))
         if on_point is not None:
-            on_point(len(points), total)
+            on_point(len(points), len(plan))
 
-    add(Point(0, "sft", None, at("sft", sft, sft, 0.0)))
-    for it in iterations:
-        i = it.index
-        say(f"iteration {i}")
-        if i > 1:
-            add(Point(i, "init", None, at(f"iter_{i}/init", it.init, it.init, 0.0)))
-        for m, r in enumerate(it.runs, 1):
-            add(Point(i, "rl", None, at(f"iter_{i}/run_{m}", r, r, 1.0)))
-        add(Point(i, "slerp", None, at(f"iter_{i}/slerp", it.merged, it.merged, 1.0)))
-        toward = sft if target == "sft" else it.init
-        for eta in sorted(set(etas)):
-            add(Point(i, "liti", eta, at(f"iter_{i}/liti(eta={eta:g})", toward, it.merged, eta)))
-        if it.final is not None:
-            add(Point(i, "final", None, at("final", it.final, it.final, 1.0)))
-
-    headline, summary = summarize(points, ev.s, reward)
+    headline, summary = summarize(points, settings, reward)
     with claim(out), staged(out, replace=True) as tmp:
+        stored = {k: asdict(scores[k]) for k in dict.fromkeys(key(a, b, e) for *_, a, b, e in plan)}
+        (tmp / SCORES).write_text(json.dumps({"format": "mergekit-warp/scores/1", "scores": stored}, indent=1) + "\n")
         with open(tmp / "pareto.csv", "w", newline="") as f:
             rows = [p.row() for p in points]
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -151,6 +174,25 @@ def pareto(
     return ParetoResult(
         points=points, csv=out / "pareto.csv", png=out / "pareto.png", summary=summary, headline=headline
     )
+
+
+def score_recipe(prompts: Path, reward: str, settings: EvalSettings, device: str) -> str:
+    """What a stored score depends on besides its checkpoints: the prompts' bytes, the reward, the
+    sampling settings and the device (CPU and GPU numerics differ)."""
+    digest = hashlib.sha256(Path(prompts).read_bytes()).hexdigest()[:16]
+    return json.dumps([digest, reward, settings.record(), device], sort_keys=True)
+
+
+def load_scores(files: list[Path]) -> dict[str, Score]:
+    """The stored scores of earlier evaluations (`scores.json` files; missing or unreadable ones are
+    skipped: their points are scored again)."""
+    out: dict[str, Score] = {}
+    for f in files:
+        try:
+            out.update({k: Score(**v) for k, v in json.loads(Path(f).read_text())["scores"].items()})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

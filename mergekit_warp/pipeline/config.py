@@ -129,9 +129,12 @@ class PipelineConfig(_Frozen):
     """Experiment trackers (tensorboard, wandb, trackio, mlflow): one tracker run per RL run, grouped by
     the run folder, and one for the Pareto summary with its files."""
 
-    keep: tuple[Literal["anchor"], ...] = ()
-    """What stays of each RL run besides its policy and metrics: `anchor` (its final EMA anchor, anchor/).
-    By default the anchors are not written: WARP's later steps use the policies only."""
+    keep: tuple[Literal["policy", "anchor", "checkpoints", "merges"], ...] = ()
+    """What stays once no later step reads it. By default a finished run holds final/, the evaluations
+    and every step's metrics and provenance: each iteration's RL policies, SLERP and the previous LITI
+    lose their weights as soon as the iteration is evaluated. `policy`: keep the RL runs' policies;
+    `anchor`: write each run's final EMA anchor (anchor/, in the run's folder); `checkpoints`: keep the
+    runs' `save_every` checkpoints; `merges`: keep each iteration's SLERP and LITI."""
     push_to_hub: str | None = None
     """A hub model repo: when the run is done, its final/ is uploaded there (as `warp push`), the card
     carrying the Pareto summary."""

@@ -3,7 +3,9 @@ status, inputs (path + hash), output (path + hash) and key metrics. Written atom
 `os.replace`) after every change, so a kill at any point leaves the last consistent manifest behind.
 
 A step counts as finished only when its record says `done` AND its output still has the recorded
-hash; `--resume` redoes everything else.
+hash; `--resume` redoes everything else. A `pruned` step was finished, then its weights were deleted
+because no later step reads them: its recorded hash stands for it as an input of later steps, so
+those stay finished.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mergekit_warp.io.atomic import write_atomic
 from mergekit_warp.io.publish import PROVENANCE, fingerprint
 from mergekit_warp.pipeline.layout import MANIFEST
 
-Status = Literal["pending", "running", "done", "failed", "interrupted"]
+Status = Literal["pending", "running", "done", "failed", "interrupted", "pruned"]
 
 
 def output_hash(path: Path) -> str:
@@ -119,7 +121,7 @@ class Manifest:
             device,
             None,
         )
-        s.inputs = {role: {"path": str(p), "hash": output_hash(p)} for role, p in inputs.items()}
+        s.inputs = {role: {"path": str(p), "hash": self.current_hash(p)} for role, p in inputs.items()}
         s.output, s.hash = None, None
         self.save()
 
@@ -153,14 +155,36 @@ class Manifest:
         s.status, s.finished, s.error = "interrupted", time.time(), None
         self.save()
 
-    def is_done(self, name: str, inputs: dict[str, Path]) -> bool:
-        """Finished, with an output whose hash still matches and the same input hashes as recorded."""
+    def prune(self, name: str) -> None:
+        """Record that the finished step's weights are being deleted (before they are)."""
+        self.steps[name].status = "pruned"
+        self.save()
+
+    def pruned(self, path: Path) -> bool:
+        s = self._owner(path)
+        return s is not None and s.status == "pruned"
+
+    def current_hash(self, path: Path) -> str:
+        """The hash of checkpoint `path` as an input: its recorded one when its step was pruned."""
+        s = self._owner(path)
+        return s.hash if s is not None and s.status == "pruned" and s.hash else output_hash(path)
+
+    def _owner(self, path: Path) -> Step | None:
+        """The step whose output `path` is (None for a path outside the run folder)."""
+        try:
+            return self.steps.get(Path(path).relative_to(self.run_dir).as_posix())
+        except ValueError:
+            return None
+
+    def is_done(self, name: str, inputs: dict[str, Path], *, or_pruned: bool = False) -> bool:
+        """Finished, with an output whose hash still matches and the same input hashes as recorded.
+        `or_pruned`: a pruned step counts as finished if its inputs match."""
         s = self.steps.get(name)
-        if s is None or s.status != "done":
+        if s is None or s.status not in (("done", "pruned") if or_pruned else ("done",)):
             return False
-        if s.output is not None and output_hash(self.run_dir / s.output) != s.hash:
+        if s.status == "done" and s.output is not None and output_hash(self.run_dir / s.output) != s.hash:
             return False
-        now = {role: output_hash(p) for role, p in inputs.items()}
+        now = {role: self.current_hash(p) for role, p in inputs.items()}
         return now == {role: d["hash"] for role, d in s.inputs.items()}
 
 

@@ -5,11 +5,13 @@
         θ_m  ← RL(θ_init, seed_m)            m = 1..M   → iter_i/run_m/
         θ_s  ← SLERP(θ_init, {θ_m})                     → iter_i/slerp/   (M = 1: θ_s = θ_1)
         θ_init ← (1 − η)·θ_target + η·θ_s               → iter_i/liti/    (last iteration: final/)
-    Pareto evaluation of every iteration                → eval/pareto.csv, eval/pareto.png
+        Pareto evaluation of iterations 1..i            → iter_i/eval/    (last iteration: eval/)
+        delete the weights no later step reads, unless `keep:` names them
 
 Stages exchange folders (the layout is pipeline/layout.py); `run.json` (manifest.py) records each
-step. Every input is checked before the run folder is created. With `resume`, a step whose record is
-`done` and whose output and inputs still have their recorded hashes is skipped; anything else is
+step. Every input is checked before the run folder is created. With `resume`, an iteration whose
+steps are all finished (or pruned) with their recorded hashes is skipped, and so is any other step
+whose record is `done` and whose output and inputs still have their recorded hashes; anything else is
 redone (an interrupted RL run continues from its own saved state). Every output is published
 atomically, and the run folder is locked while a process works in it.
 """
@@ -29,7 +31,7 @@ from mergekit_warp.io.atomic import claim
 from mergekit_warp.io.publish import check_disjoint
 from mergekit_warp.pipeline.config import PipelineConfig, load_config
 from mergekit_warp.pipeline.layout import CONFIG, PARETO_FILES, Layout
-from mergekit_warp.pipeline.manifest import Manifest, output_hash
+from mergekit_warp.pipeline.manifest import Manifest
 from mergekit_warp.pipeline.status import disk_bytes
 from mergekit_warp.progress import Log, size
 
@@ -63,50 +65,124 @@ def run_pipeline(
 def _run(cfg: PipelineConfig, config_path: Path, run_dir: Path, sft: Path, resume: bool, log: Log) -> PipelineResult:
     lay = Layout(run_dir, cfg.iterations, cfg.runs)
     manifest = _open_manifest(lay, cfg, config_path, resume)
+    first = _first_todo(cfg, lay, manifest, sft) if resume else 1
     init = sft
     for i in range(1, cfg.iterations + 1):
-        (run_dir / f"iter_{i}").mkdir(exist_ok=True)
-        runs = _rl_runs(cfg, lay, manifest, i, init, resume, log)
+        steps = _inputs(cfg, lay, i, init, sft)
+        if i < first:
+            log(f"iter_{i}: done (verified), skipped")
+        else:
+            (run_dir / f"iter_{i}").mkdir(exist_ok=True)
+            runs = _rl_runs(cfg, lay, manifest, i, init, resume, log)
 
-        # -- SLERP of the M task vectors (M = 1: the single run is the "merge")
-        merged = lay.merged(i)
-        if cfg.runs > 1:
-            inputs = {"init": init, **{f"run_{m}": r for m, r in enumerate(runs, 1)}}
+            # -- SLERP of the M task vectors (M = 1: the single run is the "merge")
+            merged = lay.merged(i)
+            if cfg.runs > 1:
+                _merge_step(
+                    manifest,
+                    lay,
+                    "slerp",
+                    steps[lay.name(merged)],
+                    merged,
+                    log,
+                    lambda out, force, init=init, runs=runs: _slerp(cfg, runs, init, out, force),
+                )
+
+            # -- LITI toward the iteration's init (Algorithm 1) or θ_sft → next init
+            last = i == cfg.iterations
+            eta = cfg.liti.final_eta if (last and cfg.liti.final_eta is not None) else cfg.liti.eta
+            out = lay.liti(i)
+            target = steps[lay.name(out)]["target"]
             _merge_step(
                 manifest,
                 lay,
-                "slerp",
-                inputs,
-                merged,
+                "liti",
+                steps[lay.name(out)],
+                out,
                 log,
-                lambda out, force, init=init, runs=runs: _slerp(cfg, runs, init, out, force),
+                lambda o, force, merged=merged, target=target, eta=eta: _liti(merged, target, o, eta, force),
             )
+            if cfg.eval.enabled:
+                _pareto_step(cfg, lay, manifest, sft, i, log)
+        _prune(cfg, lay, manifest, i, log)
+        init = lay.liti(i)
 
-        # -- LITI toward the iteration's init (Algorithm 1) or θ_sft → next init
-        last = i == cfg.iterations
-        target = init if cfg.liti.target == "init" else sft
-        eta = cfg.liti.final_eta if (last and cfg.liti.final_eta is not None) else cfg.liti.eta
-        out = lay.liti(i)
-        _merge_step(
-            manifest,
-            lay,
-            "liti",
-            {"merged": merged, "target": target},
-            out,
-            log,
-            lambda o, force, merged=merged, target=target, eta=eta: _liti(merged, target, o, eta, force),
-        )
-        init = out
-
-    summary = _pareto_step(cfg, lay, manifest, sft, log) if cfg.eval.enabled else None
-    steps = [(n, disk_bytes(run_dir / n)) for n, _ in lay.steps(cfg.eval.enabled)]
-    log("disk: " + ", ".join(f"{n} {size(b)}" for n, b in steps) + f"; {size(disk_bytes(run_dir))} in all")
+    summary = (lay.eval / "summary.txt").read_text() if cfg.eval.enabled else None
+    steps = [(n, disk_bytes(run_dir / n), manifest.pruned(run_dir / n)) for n, _ in lay.steps(cfg.eval.enabled)]
+    log(
+        "disk: "
+        + ", ".join(f"{n} {size(b)}" + (" (pruned)" if pruned else "") for n, b, pruned in steps)
+        + f"; {size(disk_bytes(run_dir))} in all"
+    )
     log(f"done: final policy {lay.final}")
     if cfg.push_to_hub:
         from mergekit_warp.io.hub import push
 
         log(f"pushed {lay.final} to the hub: {push(lay.final, cfg.push_to_hub)}")
     return PipelineResult(run_dir=run_dir, final=lay.final, summary=summary)
+
+
+def _inputs(cfg: PipelineConfig, lay: Layout, i: int, init: Path, sft: Path) -> dict[str, dict[str, Path]]:
+    """The inputs of every step of iteration i (whose init is `init`), by step name."""
+    out: dict[str, dict[str, Path]] = {lay.name(r): {"init": init} for r in lay.runs_of(i)}
+    if cfg.runs > 1:
+        out[lay.name(lay.merged(i))] = {"init": init, **{f"run_{m}": r for m, r in enumerate(lay.runs_of(i), 1)}}
+    out[lay.name(lay.liti(i))] = {"merged": lay.merged(i), "target": init if cfg.liti.target == "init" else sft}
+    if cfg.eval.enabled:
+        out[lay.name(lay.eval_of(i))] = {"latest": lay.liti(i)}
+    return out
+
+
+def _first_todo(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path) -> int:
+    """The first iteration a resumed run has work in (I + 1 when none): every step of the iterations
+    before it is finished or pruned, with the recorded inputs, and evaluated. An iteration whose init
+    was pruned starts from the iteration before it, which makes that init again."""
+    first, init = cfg.iterations + 1, sft
+    for i in range(1, cfg.iterations + 1):
+        steps = _inputs(cfg, lay, i, init, sft)
+        done = all(manifest.is_done(n, ins, or_pruned=True) for n, ins in steps.items())
+        if not done or (cfg.eval.enabled and not (lay.eval_of(i) / "summary.txt").is_file()):
+            first = i
+            break
+        init = lay.liti(i)
+    while 1 < first <= cfg.iterations and manifest.pruned(lay.liti(first - 1)):
+        first -= 1
+    return first
+
+
+def _prune(cfg: PipelineConfig, lay: Layout, manifest: Manifest, i: int, log: Log) -> None:
+    """Once iteration i is merged and evaluated: delete the weights no later step reads (the manifest
+    says so first, so a kill halfway is finished by --resume), and the RL runs' --save-every
+    checkpoints, except what `keep:` names."""
+    for path in lay.prune(i, cfg.keep):
+        name = lay.name(path)
+        if manifest.steps[name].status == "done":
+            manifest.prune(name)
+        if manifest.pruned(path) and (freed := _drop_weights(path)):
+            log(f"{name}: weights deleted ({size(freed)}); `keep:` in the config keeps them")
+    if "checkpoints" not in cfg.keep:
+        for run in lay.runs_of(i):
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)
+
+
+_PRUNED_NOTE = (
+    "**The weights of this checkpoint were deleted** by `warp pipeline run` once no later step read them; "
+    "its metrics and provenance remain. List `policy` (RL runs) or `merges` (SLERP, LITI) under `keep:` in "
+    "the pipeline config to keep them.\n\n"
+)
+
+
+def _drop_weights(folder: Path) -> int:
+    """Delete the safetensors weights (and their index) at the top of `folder`, noting it in its
+    README; returns the bytes freed."""
+    files = [*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")]
+    freed = sum(f.stat().st_size for f in files)
+    for f in files:
+        f.unlink()
+    card = folder / "README.md"
+    if files and card.is_file() and not card.read_text().startswith(_PRUNED_NOTE):
+        card.write_text(_PRUNED_NOTE + card.read_text())
+    return freed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -211,8 +287,13 @@ def _rl_runs(
             log(f"{name}: done (verified), skipped")
             continue
         prior = manifest.steps.get(name)
-        # Continue the run's own saved state only if it was started from this very init.
-        same_init = prior is not None and prior.inputs.get("init", {}).get("hash") == output_hash(init)
+        # Continue the run's own saved state only if it was started from this very init (a pruned
+        # run is made again).
+        same_init = (
+            prior is not None
+            and prior.status != "pruned"
+            and prior.inputs.get("init", {}).get("hash") == manifest.current_hash(init)
+        )
         rl_cfg = _rl_config(
             cfg, i, m, init, out, resume=resume and same_init, progress=log.enabled and not cfg.parallel
         )
@@ -277,12 +358,15 @@ def _merge_step(manifest: Manifest, lay: Layout, kind: str, inputs: dict[str, Pa
     manifest.finish(name, out)
 
 
-def _pareto_step(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path, log: Log) -> str:
-    name, inputs = "eval", {"final": lay.final}
-    if manifest.is_done(name, inputs) and (lay.eval / "summary.txt").is_file():
+def _pareto_step(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path, i: int, log: Log) -> None:
+    """The Pareto evaluation of iterations 1..i, into iter_i/eval/ (eval/ after the last): points
+    scored by an earlier evaluation are taken from it."""
+    out = lay.eval_of(i)
+    name, inputs = lay.name(out), {"latest": lay.liti(i)}
+    if manifest.is_done(name, inputs) and (out / "summary.txt").is_file():
         log(f"{name}: done (verified), skipped")
-        return (lay.eval / "summary.txt").read_text()
-    log(f"{name}: Pareto evaluation of {cfg.iterations} iteration(s) on {cfg.eval_device}")
+        return
+    log(f"{name}: Pareto evaluation of iteration(s) 1..{i} on {cfg.eval_device}")
     manifest.start(name, "pareto", inputs, device=cfg.eval_device)
 
     def progress(done: int, total: int) -> None:  # shown by `warp pipeline status`
@@ -292,19 +376,29 @@ def _pareto_step(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path
     result = _guarded(
         manifest,
         name,
-        lambda: evaluate_run(lay.root, cfg=cfg, sft=sft, force=True, progress=log.enabled, on_point=progress),
+        lambda: evaluate_run(
+            lay.root,
+            cfg=cfg,
+            sft=sft,
+            manifest=manifest,
+            upto=i,
+            out=out,
+            force=True,
+            progress=log.enabled,
+            on_point=progress,
+        ),
     )
     manifest.finish(name, None, result.headline)
-    trackers.report(
-        cfg.report_to,
-        "pareto",
-        cfg.model_dump(mode="json"),
-        [result.headline],
-        [lay.eval / f for f in PARETO_FILES],
-        group=lay.root.name,
-        first_step=cfg.iterations,
-    )
-    return result.summary
+    if i == cfg.iterations:
+        trackers.report(
+            cfg.report_to,
+            "pareto",
+            cfg.model_dump(mode="json"),
+            [result.headline],
+            [out / f for f in PARETO_FILES],
+            group=lay.root.name,
+            first_step=cfg.iterations,
+        )
 
 
 def evaluate_run(
@@ -312,6 +406,8 @@ def evaluate_run(
     *,
     cfg: PipelineConfig | None = None,
     sft: Path | None = None,
+    manifest: Manifest | None = None,
+    upto: int | None = None,
     etas: list[float] | None = None,
     out: Path | None = None,
     force: bool = False,
@@ -319,34 +415,45 @@ def evaluate_run(
     progress: bool = True,
     on_point=None,
 ):
-    """The Pareto evaluation of every finished iteration of run folder `run_dir` (`warp eval pareto`),
-    with the run's own held-out prompts, reward and evaluation settings."""
-    from mergekit_warp.eval.pareto import Iteration, pareto
+    """The Pareto evaluation of every finished iteration (up to `upto`) of run folder `run_dir`
+    (`warp eval pareto`), with the run's own held-out prompts, reward and evaluation settings. Points
+    already scored by the run's evaluations are reused: checkpoints pruned since are needed only for
+    new points (other η, device or settings)."""
+    from mergekit_warp.eval.pareto import SCORES, Iteration, load_scores, pareto
     from mergekit_warp.lm.models import model_folder
 
     run_dir = Path(run_dir)
-    if cfg is None:
+    if manifest is None:
         if not (run_dir / "run.json").is_file():
             raise WarpError(
                 f"{run_dir} is not a pipeline run folder (no run.json); pass the -o folder of `warp pipeline run`"
             )
-        cfg = PipelineConfig.model_validate(Manifest.load(run_dir).config)
+        manifest = Manifest.load(run_dir)
+    cfg = cfg or PipelineConfig.model_validate(manifest.config)
     sft = sft or model_folder(cfg.init, "init")
     lay = Layout(run_dir, cfg.iterations, cfg.runs)
+    ready = lambda p: manifest.pruned(p) or (p / "config.json").is_file()  # noqa: E731
     iterations, init = [], sft
-    for i in range(1, cfg.iterations + 1):
-        if not all((p / "config.json").is_file() for p in [*lay.runs_of(i), lay.merged(i)]):
+    for i in range(1, (upto or cfg.iterations) + 1):
+        if not all(ready(p) for p in [*lay.runs_of(i), lay.merged(i)]):
             break
         last = i == cfg.iterations
-        final = lay.final if last and lay.final.is_dir() else None
+        final = lay.final if last and ready(lay.final) else None
         iterations.append(Iteration(i, init, lay.runs_of(i), lay.merged(i), final))
-        if not lay.liti(i).is_dir():
+        if not ready(lay.liti(i)):
             break
         init = lay.liti(i)
     if not iterations:
         raise WarpError(f"{run_dir}: no iteration has finished its RL runs and merge yet; nothing to evaluate")
     settings = cfg.eval.resolved(cfg.rl)
     penalty = f" − {settings.length_penalty:g}·tokens" if settings.length_penalty else ""
+    hashes: dict[Path, str] = {}
+
+    def key_of(p: Path) -> str:
+        if p not in hashes:
+            hashes[p] = manifest.current_hash(p)
+        return hashes[p]
+
     return pareto(
         sft,
         iterations,
@@ -361,6 +468,13 @@ def evaluate_run(
         progress=progress,
         title=f"WARP Pareto front ({Path(cfg.init).name}, reward: {Path(cfg.reward).name}{penalty})",
         on_point=on_point,
+        known=load_scores([lay.eval_of(j) / SCORES for j in range(1, cfg.iterations + 1)]),
+        key_of=key_of,
+        gone=lambda p: (
+            "had its weights deleted by the pipeline once evaluated (`keep:` in the config keeps them)"
+            if manifest.pruned(p)
+            else None
+        ),
     )
 
 

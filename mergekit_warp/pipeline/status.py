@@ -166,7 +166,7 @@ def status_table(data: dict):
     )
     for col in ("step", "kind", "status", "device", "time", "disk", "metrics"):
         t.add_column(col)
-    style = {"done": "green", "failed": "red", "interrupted": "yellow", "pending": "dim"}
+    style = {"done": "green", "failed": "red", "interrupted": "yellow", "pending": "dim", "pruned": "blue"}
     for r in data["steps"]:
         status = r["status"]
         if r["progress"]:
