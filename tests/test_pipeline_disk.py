@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from pipeline_fixtures import RL, pipe_init, reference_run, write_config  # noqa: F401  (fixtures)
-from tiny import load_state
+from tiny import load_state, make_tiny_llama
 from typer.testing import CliRunner
 
 from mergekit_warp.cli import app
@@ -57,7 +58,8 @@ def test_default_keeps_final_and_evaluations_with_the_same_results(pruned_run, r
     assert _weights(run) == [Path("final/model.safetensors")]
     # records stay: metrics and provenance of every step, and a card saying where the weights went
     assert (run / "iter_1/run_1/metrics.jsonl").is_file() and (run / "iter_1/slerp/warp_provenance.json").is_file()
-    assert "weights of this checkpoint were deleted" in (run / "iter_2/run_2/README.md").read_text()
+    card = (run / "iter_2/run_2/README.md").read_text()
+    assert "weights of this checkpoint were deleted" in card and card.startswith("---\n")  # after the metadata
     # the same results as a run that keeps everything: weights, front, summary
     for k, v in load_state(run / "final").items():
         assert torch.equal(v, load_state(reference_run / "final")[k]), k
@@ -85,15 +87,61 @@ def test_resume_of_a_pruned_run_redoes_nothing(pruned_run):
 
 
 def test_eval_pareto_uses_the_stored_scores(tmp_path, pruned_run):
-    run, _ = pruned_run
+    run = Path(shutil.copytree(pruned_run[0], tmp_path / "run"))  # a moved run: its paths are the new ones
     out = tmp_path / "again"
     r = runner.invoke(app, ["eval", "pareto", str(run), "-o", str(out)])  # the pruned weights are not read
     assert r.exit_code == 0, r.output
     assert _points(out) == _points(run / "eval")
+    with open(out / "pareto.csv") as f:
+        assert not any(str(pruned_run[0]) in row["path"] for row in csv.DictReader(f))
+    # redrawing the run's own eval/ with fewer η keeps every stored score
+    r = runner.invoke(app, ["eval", "pareto", str(run), "--etas", "0,1", "--force"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["eval", "pareto", str(run), "-o", str(tmp_path / "all")])
+    assert r.exit_code == 0 and _points(tmp_path / "all") == _points(out), r.output
+    r = runner.invoke(app, ["eval", "pareto", str(run), "--etas", "", "-o", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "--etas" in r.stderr
     r = runner.invoke(app, ["eval", "pareto", str(run), "--etas", "0.25", "-o", str(tmp_path / "new")])
     assert r.exit_code == 2 and "iter_1/slerp" in r.stderr
     assert "weights deleted by the pipeline" in r.stderr and "keep:" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+
+
+def test_a_lost_evaluation_is_redrawn_from_the_stored_scores(tmp_path, pruned_run):
+    run = Path(shutil.copytree(pruned_run[0], tmp_path / "run"))
+    before = Manifest.load(run)
+    summary = (run / "iter_1/eval/summary.txt").read_text()
+    shutil.rmtree(run / "iter_1/eval")
+    run_pipeline(pruned_run[0].parent / "cfg.yaml", run, resume=True, progress=False)
+    after = Manifest.load(run)
+    assert (run / "iter_1/eval/summary.txt").read_text() == summary
+    assert all(after.steps[n].started == s.started for n, s in before.steps.items() if n != "iter_1/eval")
+    # a folder whose weights were deleted says so when given to another command
+    r = runner.invoke(app, ["liti", str(run / "iter_1/slerp"), "--init", str(run / "final"), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "deleted by `warp pipeline run`" in r.stderr and "keep:" in r.stderr
+
+
+def test_stored_scores_know_the_reward_file_and_the_init(tmp_path, pipe_init):
+    from mergekit_warp.eval.pareto import score_recipe
+    from mergekit_warp.eval.settings import EvalSettings
+    from mergekit_warp.io.publish import content_fingerprint, fingerprint
+
+    prompts, reward = tmp_path / "p.jsonl", tmp_path / "r.py"
+    prompts.write_text('{"prompt": "hi"}\n')
+    reward.write_text("def reward(p, c):\n    return [0.0 for _ in c]\n")
+    settings = EvalSettings(max_new_tokens=4).resolved()
+    before = score_recipe(prompts, f"{reward}:reward", settings, "cpu")
+    reward.write_text("def reward(p, c):\n    return [1.0 for _ in c]\n")
+    assert score_recipe(prompts, f"{reward}:reward", settings, "cpu") != before
+    twin = make_tiny_llama(tmp_path / "twin", seed=4)  # θ_sft's architecture, other weights
+    assert fingerprint(twin) == fingerprint(pipe_init) and content_fingerprint(twin) != content_fingerprint(pipe_init)
+
+
+def test_without_evaluation_nothing_is_deleted(tmp_path, pipe_init):
+    cfg = write_config(tmp_path, pipe_init, iterations=1, eval={"enabled": False}, keep="merges")
+    run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert {s.status for s in Manifest.load(tmp_path / "run").steps.values()} == {"done"}
+    assert _weights(tmp_path / "run/iter_1/run_1") == [Path("model.safetensors")]
 
 
 def _cli(cfg: Path, out: Path, *extra: str, kill_after: str | None = None) -> subprocess.CompletedProcess:
@@ -132,7 +180,7 @@ def test_kill_after_pruning_then_resume_and_a_damaged_final(tmp_path, pipe_init,
 
 def test_keep_chooses_what_stays(tmp_path, pipe_init):
     rl = {**RL, "save_every": 1}
-    one = dict(iterations=1, eval={"enabled": False}, rl=rl)
+    one = dict(iterations=1, rl=rl)
     a = tmp_path / "a"
     run_pipeline(write_config(tmp_path, pipe_init, name="a.yaml", keep=["policy"], **one), a, progress=False)
     assert _weights(a / "iter_1/run_1") == [Path("model.safetensors")]  # the policy stays,

@@ -196,7 +196,7 @@ def pareto_cmd(
     with user_errors():
         trackers.check(report_to)
         result = evaluate_run(
-            run_dir, etas=_floats(etas, "--etas") if etas else None, out=out, force=force, device=device
+            run_dir, etas=_floats(etas, "--etas") if etas is not None else None, out=out, force=force, device=device
         )
     print(result.summary)
     print(result.csv)

@@ -34,6 +34,18 @@ DEVICE = typer.Option("cpu", "--device", help="Where the math runs: cpu or cuda.
 FORCE = typer.Option(False, "--force", help="Replace an existing output folder.")
 REVISION = typer.Option(None, "--revision", help="Hub revision for inputs given as hub ids.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+RANK = typer.Option(
+    None,
+    "--rank",
+    help="LoRA adapters: cut each layer's merged adapter (rank Σ r_m) to this rank by SVD; the relative error "
+    "is printed and recorded.",
+)
+DENSIFY = typer.Option(
+    False,
+    "--densify",
+    help="LoRA adapters: write the full model θ_init + δ instead of an adapter of --init (adapters are written "
+    "in fp32 unless --dtype).",
+)
 
 
 def _repo_id(value: str | None) -> str | None:
@@ -98,7 +110,7 @@ def _value(option: str, text: str) -> float | list[float]:
 @merge_app.command("slerp")
 def slerp_cmd(
     models: list[Path] = typer.Argument(
-        ..., help="Fine-tuned checkpoints (HF folders, .safetensors files or hub ids)."
+        ..., help="Fine-tuned checkpoints (HF folders, .safetensors files or hub ids), or LoRA adapter folders."
     ),
     init: Optional[Path] = typer.Option(
         None,
@@ -120,6 +132,8 @@ def slerp_cmd(
         "block", "--granularity", help="With --init: one angle per block, tensor or model."
     ),
     t: Optional[float] = typer.Option(None, "--t", help="Without --init: 0 gives the first model, 1 the second (0.5)."),
+    rank: Optional[int] = RANK,
+    densify: bool = DENSIFY,
     dtype: str = DTYPE,
     max_shard_size: str = SHARD,
     memory_budget: str = MEMORY,
@@ -130,17 +144,22 @@ def slerp_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """SLERP of the task vectors of MODELS relative to --init (WARP; M > 2 by the iterative rule), or without
-    --init of the full weights of two models, one angle per tensor (mergekit's slerp)."""
+    --init of the full weights of two models, one angle per tensor (mergekit's slerp). MODELS may be LoRA
+    adapters (peft folders) trained on --init: the merge is then exact and an adapter of rank Σ r_m
+    (--rank cuts it, --densify writes the full model)."""
     from mergekit_warp.merge import api
 
     common = _output_options(dtype, max_shard_size, device, force, revision, quiet, memory_budget)
     with user_errors():
         if init is None:
+            if rank is not None or densify:
+                raise WarpError("--rank and --densify are for LoRA adapters, merged relative to --init (their base)")
             params = {"t": 0.5 if t is None else t}
             _done(push_to_hub, api.merge("slerp", [str(m) for m in models], out, params=params, **common))
             return
         if t is not None:
             raise WarpError("--t is the full-weight SLERP's parameter; with --init use --lambda")
+        common.update(rank=rank, densify=densify)
         _done(
             push_to_hub,
             api.slerp(
@@ -157,10 +176,12 @@ def slerp_cmd(
 
 @merge_app.command("lerp")
 def lerp_cmd(
-    models: list[Path] = typer.Argument(..., help="Checkpoints to average."),
+    models: list[Path] = typer.Argument(..., help="Checkpoints to average, or LoRA adapter folders (with --init)."),
     out: Path = OUT,
     weights: str = typer.Option(None, "--weights", help="Comma-separated weights, one per model (default: uniform)."),
     init: Path = typer.Option(None, "--init", help="Average task vectors relative to this init instead of weights."),
+    rank: Optional[int] = RANK,
+    densify: bool = DENSIFY,
     dtype: str = typer.Option(
         None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: as --init, else the first model, stores it)."
     ),
@@ -172,7 +193,8 @@ def lerp_cmd(
     revision: str = REVISION,
     quiet: bool = QUIET,
 ) -> None:
-    """Weighted average of MODELS (model soup), or of their task vectors when --init is given."""
+    """Weighted average of MODELS (model soup), or of their task vectors when --init is given (LoRA adapters
+    trained on --init: an adapter, exactly)."""
     from mergekit_warp.merge import api
 
     with user_errors():
@@ -184,6 +206,8 @@ def lerp_cmd(
                 out,
                 weights=None if w is None else (w if isinstance(w, list) else [w]),
                 init=None if init is None else str(init),
+                rank=rank,
+                densify=densify,
                 **_output_options(dtype, max_shard_size, device, force, revision, quiet, memory_budget),
             ),
         )
@@ -253,7 +277,7 @@ def yaml_cmd(
 
 
 def liti_cmd(
-    merged: Path = typer.Argument(..., help="The merged (e.g. SLERP) checkpoint."),
+    merged: Path = typer.Argument(..., help="The merged (e.g. SLERP) checkpoint, or a LoRA adapter folder."),
     init: Path = typer.Option(..., "--init", help="The LITI target: the iteration's init, or θ_sft."),
     out: Path = OUT,
     eta: str = typer.Option(
@@ -265,6 +289,8 @@ def liti_cmd(
     eta_nonblock: float = typer.Option(
         None, "--eta-nonblock", help="η for embeddings/final norm/head (default: the list's mean)."
     ),
+    rank: Optional[int] = RANK,
+    densify: bool = DENSIFY,
     dtype: str = DTYPE,
     max_shard_size: str = SHARD,
     memory_budget: str = MEMORY,
@@ -274,7 +300,8 @@ def liti_cmd(
     revision: str = REVISION,
     quiet: bool = QUIET,
 ) -> None:
-    """LITI: (1 − η)·θ_init + η·θ_merged."""
+    """LITI: (1 − η)·θ_init + η·θ_merged. MERGED may be a LoRA adapter trained on --init: the adapter η·δ
+    (--densify: the model θ_init + η·δ; with --eta 1, the adapter applied to its base)."""
     from mergekit_warp.merge import api
 
     with user_errors():
@@ -286,6 +313,8 @@ def liti_cmd(
                 out,
                 eta=_value("--eta", eta),
                 eta_nonblock=eta_nonblock,
+                rank=rank,
+                densify=densify,
                 **_output_options(dtype, max_shard_size, device, force, revision, quiet, memory_budget),
             ),
         )

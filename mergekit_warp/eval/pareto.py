@@ -27,11 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from mergekit_warp.devices import resolve_device
 from mergekit_warp.errors import WarpError
 from mergekit_warp.eval.score import Evaluator, Score
 from mergekit_warp.eval.settings import EvalSettings
 from mergekit_warp.io.atomic import claim, staged
-from mergekit_warp.io.publish import check_output_path
+from mergekit_warp.io.publish import check_output_path, content_fingerprint
 from mergekit_warp.lm.rewards import reward_inputs
 from mergekit_warp.progress import Log
 
@@ -94,20 +95,22 @@ def pareto(
     known: dict[str, Score] | None = None,
     key_of: Callable[[Path], str] | None = None,
     gone: Callable[[Path], str | None] | None = None,
-) -> ParetoResult:
+    check_only: bool = False,
+) -> ParetoResult | None:
     """Score θ_sft, and per iteration its init, RL runs, merge, the LITI sweep
     (1 − η)·θ_target + η·θ_merged for each η (`target` 'sft' or 'init'), and the final output; write
     `out/` (pareto.csv, pareto.png, summary.txt, summary.json, scores.json) atomically.
     `on_point(done, total)` is called after each point (for a progress display). `known`: scores of
     earlier evaluations (`load_scores`), keyed by `key_of(checkpoint)` (default: its resolved path);
     `gone(checkpoint)`: why a checkpoint can no longer be read (None when it can), for a point that
-    is not known."""
+    is not known. `check_only`: stop (returning None) once it is clear that every point can be made."""
     if not etas or any(not math.isfinite(e) or e < 0 for e in etas):
         raise WarpError(f"--etas {etas}: η values must be finite and ≥ 0")
     if not iterations:
         raise WarpError("no iteration has finished its RL runs and merge yet; nothing to evaluate")
     checkpoints = [sft, *(p for it in iterations for p in (it.init, *it.runs, it.merged, it.final) if p)]
     out = check_output_path(Path(out), [*checkpoints, prompts, *reward_inputs(reward)], force)
+    resolve_device(device)
     settings = settings.resolved()
     recipe = score_recipe(prompts, reward, settings, device)
     key_of = key_of or (lambda p: str(Path(p).resolve()))
@@ -137,7 +140,12 @@ def pareto(
         if key(a, b, eta) not in known and gone is not None:
             for p in (a,) if same(a, b, eta) else (a, b):
                 if why := gone(p):
-                    raise WarpError(f"point {name} is not in the stored scores and {p} {why}")
+                    raise WarpError(
+                        f"point {name} is not in the stored scores (kept per sampling settings, device, prompts "
+                        f"and reward) and {p} {why}"
+                    )
+    if check_only:
+        return None
 
     scores = dict(known)
     ev: Evaluator | None = None  # built on the first point to sample
@@ -155,13 +163,14 @@ def pareto(
             say(
                 f"  {name:<24} reward {s.reward:+.4f} ± {s.reward_se:.4f}   KL {s.kl:7.3f} ± {s.kl_se:.3f}   len {s.length:.1f}"
             )
-        points.append(Point(i, kind, eta, Score(**{**asdict(scores[k]), "name": name})))
+        path = str(a if same(a, b, e) else b)  # where it is now (a stored score may come from a moved run)
+        points.append(Point(i, kind, eta, Score(**{**asdict(scores[k]), "name": name, "path": path})))
         if on_point is not None:
             on_point(len(points), len(plan))
 
     headline, summary = summarize(points, settings, reward)
     with claim(out), staged(out, replace=True) as tmp:
-        stored = {k: asdict(scores[k]) for k in dict.fromkeys(key(a, b, e) for *_, a, b, e in plan)}
+        stored = {k: asdict(v) for k, v in scores.items()}  # earlier ones too: redrawing with other η loses none
         (tmp / SCORES).write_text(json.dumps({"format": "mergekit-warp/scores/1", "scores": stored}, indent=1) + "\n")
         with open(tmp / "pareto.csv", "w", newline="") as f:
             rows = [p.row() for p in points]
@@ -177,10 +186,12 @@ def pareto(
 
 
 def score_recipe(prompts: Path, reward: str, settings: EvalSettings, device: str) -> str:
-    """What a stored score depends on besides its checkpoints: the prompts' bytes, the reward, the
-    sampling settings and the device (CPU and GPU numerics differ)."""
+    """What a stored score depends on besides its checkpoints: the prompts' bytes, the reward (its spec
+    and the content of the file or model it reads), the sampling settings and the device (CPU and GPU
+    numerics differ)."""
     digest = hashlib.sha256(Path(prompts).read_bytes()).hexdigest()[:16]
-    return json.dumps([digest, reward, settings.record(), device], sort_keys=True)
+    files = [content_fingerprint(p) for p in reward_inputs(reward)]
+    return json.dumps([digest, reward, files, settings.record(), device], sort_keys=True)
 
 
 def load_scores(files: list[Path]) -> dict[str, Score]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_warp.errors import WarpError
-from mergekit_warp.io.publish import PROVENANCE, card_lines
+from mergekit_warp.io.publish import PROVENANCE, card_lines, pruned_hint
 
 MERGEKIT_YAML = "merge_config.yml"
 
@@ -47,7 +47,7 @@ def finished_output(folder: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("tool") != "mergekit-warp":
         raise WarpError(f"{folder}/{PROVENANCE} was not written by mergekit-warp; nothing pushed")
     if not any(folder.glob("*.safetensors")):
-        raise WarpError(f"{folder}: no .safetensors weights; nothing to push")
+        raise WarpError(f"{folder}: no .safetensors weights; nothing to push{pruned_hint(folder)}")
     return record
 
 

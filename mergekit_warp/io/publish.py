@@ -146,6 +146,44 @@ def fingerprint(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+PRUNED = (
+    "**The weights of this checkpoint were deleted** by `warp pipeline run` once no later step read them; "
+    "its metrics and provenance remain. List `policy` (RL runs) or `merges` (SLERP, LITI) under `keep:` in "
+    "the pipeline config to keep them."
+)
+
+
+def mark_pruned(folder: Path) -> None:
+    """Say in `folder`'s model card, after its metadata, that the pipeline deleted its weights."""
+    card = Path(folder) / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    if PRUNED in text:
+        return
+    head, sep, body = text.partition("\n---\n") if text.startswith("---\n") else ("", "", text)
+    card.write_text(head + sep + PRUNED + "\n\n" + body)
+
+
+def pruned_hint(folder: Path) -> str:
+    """' (its weights were deleted by the pipeline …)' for a folder `mark_pruned` marked, else ''."""
+    card = Path(folder) / "README.md"
+    try:
+        return "; " + PRUNED.replace("**", "") if card.is_file() and PRUNED in card.read_text() else ""
+    except OSError:
+        return ""
+
+
+def content_fingerprint(path: Path) -> str:
+    """`fingerprint`, plus the sha256 of the first 64 KiB of every shard's data: two checkpoints of one
+    architecture share their headers, not their weights (still cheap for 70B models)."""
+    path = Path(path)
+    h = hashlib.sha256(fingerprint(path).encode())
+    for f in sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.suffix == ".safetensors" else []:
+        with open(f, "rb") as fh:
+            fh.seek(8 + len(header_bytes(f)[0]))
+            h.update(fh.read(1 << 16))
+    return "sha256:" + h.hexdigest()
+
+
 def describe_inputs(inputs: dict[str, Path | str | list]) -> dict[str, Any]:
     """Each input of each role (a path or a list of paths) as its resolved path and `fingerprint`."""
 
@@ -185,9 +223,11 @@ def write_provenance(
 def card_lines(record: dict[str, Any]) -> list[str]:
     """The model card (README.md) of an output, from its provenance record."""
     method, params, notes = record["method"], record.get("params", {}), record.get("notes", [])
+    adapter = method.endswith("-lora") and not params.get("densify")  # a peft adapter of its base
     return [
         "---",
-        "library_name: transformers",
+        "library_name: peft" if adapter else "library_name: transformers",
+        *([f"base_model: {params['base_as_given']}"] if adapter and params.get("base_as_given") else []),
         "tags: [mergekit-warp, warp, " + method + "]",
         "---",
         f"# {method} — made with mergekit-warp {record.get('version', '')}",

@@ -116,6 +116,10 @@ def _local(spec: str, path: Path, revision: str | None) -> Source:
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise WarpError(f"{path} holds a PyTorch pickle checkpoint ({pickles[0]}), which is refused; {PICKLE_HELP}")
+    from mergekit_warp.io.publish import pruned_hint  # (publish reads checkpoints: imported here)
+
+    if hint := pruned_hint(path):
+        raise WarpError(f"{path}: not a checkpoint (no model.safetensors){hint}")
     raise WarpError(f"{path}: not a checkpoint (no model.safetensors, no {INDEX}); give an HF model folder")
 
 

@@ -63,6 +63,12 @@ def merge(
     once (see merge/engine.py)."""
     if method not in REGISTRY:
         raise WarpError(f"unknown merge method {method!r}; choose one of {', '.join(REGISTRY)}")
+    from mergekit_warp.io.adapter import is_adapter
+
+    adapters = [str(m) for m in [*models, *([base] if base is not None else [])] if is_adapter(m)]
+    if adapters:
+        where = "with --init (their base)" if method in ("slerp", "lerp", "liti") else "by slerp, lerp and liti"
+        raise WarpError(f"{adapters[0]} is a LoRA adapter: adapters are merged {where} only")
     m = REGISTRY[method]
     if base is None and m.base == "required":
         raise WarpError(f"{method} needs a base model (--init/--base: the model the task vectors are taken from)")
@@ -165,6 +171,32 @@ def merge_yaml(config: PathLike, out: PathLike, **common: Any) -> Path:
 # The named entry points of the library (and of `warp merge …`): one line each over `merge`.
 
 
+def _adapters(inputs: Sequence[PathLike], common: dict[str, Any]) -> bool:
+    """True when the inputs are LoRA adapter folders (then merged as adapters: merge/adapters.py, whose
+    options `rank` and `densify` are left in `common`); full checkpoints take neither option."""
+    from mergekit_warp.io.adapter import is_adapter
+
+    flags = [is_adapter(m) for m in inputs]
+    if any(flags) and not all(flags):
+        raise WarpError(
+            f"{inputs[flags.index(True)]} is a LoRA adapter and {inputs[flags.index(False)]} is not: "
+            "merge adapters with adapters, or densify them first (`warp liti ADAPTER --init BASE --eta 1 "
+            "--densify -o FULL`)"
+        )
+    if not any(flags):
+        for option in ("rank", "densify"):
+            if common.pop(option, None) not in (None, False):
+                raise WarpError(f"--{option} is for LoRA adapters (folders with adapter_config.json)")
+    return all(flags) and bool(flags)
+
+
+def _adapter_options(common: dict[str, Any]) -> dict[str, Any]:
+    """The options an adapter merge takes (it streams nothing but the base, on the CPU)."""
+    resolve_device(common.get("device", "cpu"))  # checked like any merge's, though the factors' math runs on the CPU
+    keep = ("rank", "densify", "dtype", "max_shard_size", "force", "progress", "revision")
+    return {k: v for k, v in common.items() if k in keep}
+
+
 def slerp(
     models: list[PathLike],
     init: PathLike,
@@ -176,7 +208,21 @@ def slerp(
     **common: Any,
 ) -> Path:
     """WARP SLERP of the task vectors of `models` relative to `init` (two models: SLERP at `lam`;
-    more: the iterative rule with λ = 1/k), one angle per group (`block`, `tensor` or `model`)."""
+    more: the iterative rule with λ = 1/k), one angle per group (`block`, `tensor` or `model`). LoRA
+    adapters trained on `init` are merged exactly as adapters (`rank`, `densify`: merge/adapters.py)."""
+    if _adapters(models, common):
+        from mergekit_warp.merge.adapters import merge_adapters
+
+        return merge_adapters(
+            "slerp",
+            models,
+            init,
+            out,
+            lam=lam,
+            lam_nonblock=lam_nonblock,
+            granularity=granularity,
+            **_adapter_options(common),
+        )
     return merge(
         "slerp",
         models,
@@ -196,7 +242,13 @@ def lerp(
     **common: Any,
 ) -> Path:
     """Weighted average Σ w_m θ_m (a model soup; default uniform weights), or of task vectors,
-    θ_init + Σ w_m (θ_m − θ_init), when `init` is given."""
+    θ_init + Σ w_m (θ_m − θ_init), when `init` is given (LoRA adapters trained on `init`: as adapters)."""
+    if _adapters(models, common):
+        from mergekit_warp.merge.adapters import merge_adapters
+
+        if init is None:
+            raise WarpError("LoRA adapters are task vectors: pass the base they were trained on as --init")
+        return merge_adapters("lerp", models, init, out, weights=weights, **_adapter_options(common))
     return merge("lerp", models, out, base=init, params={"weights": weights}, **common)
 
 
@@ -215,7 +267,14 @@ def liti(
     **common: Any,
 ) -> Path:
     """LITI: (1 − η)·θ_init + η·θ_merged (η may be a per-layer list); η > 1 extrapolates. `init` is
-    the iteration's init or θ_sft — both targets of the paper are this same call."""
+    the iteration's init or θ_sft — both targets of the paper are this same call. A LoRA adapter
+    `merged` trained on `init` gives the adapter η·δ (or with `densify` the model θ_init + η·δ)."""
+    if _adapters([merged], common):
+        from mergekit_warp.merge.adapters import merge_adapters
+
+        return merge_adapters(
+            "liti", [merged], init, out, eta=eta, eta_nonblock=eta_nonblock, **_adapter_options(common)
+        )
     return merge("liti", [merged], out, base=init, params={"eta": eta, "eta_nonblock": eta_nonblock}, **common)
 
 

@@ -149,6 +149,11 @@ class PipelineConfig(_Frozen):
         except WarpError as e:
             raise ValueError(str(e)) from None
 
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _keep(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # `keep: policy` as `keep: [policy]`
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _trackers(cls, v: Any) -> Any:

@@ -161,15 +161,15 @@ class Manifest:
         self.save()
 
     def pruned(self, path: Path) -> bool:
-        s = self._owner(path)
+        s = self.owner(path)
         return s is not None and s.status == "pruned"
 
     def current_hash(self, path: Path) -> str:
         """The hash of checkpoint `path` as an input: its recorded one when its step was pruned."""
-        s = self._owner(path)
+        s = self.owner(path)
         return s.hash if s is not None and s.status == "pruned" and s.hash else output_hash(path)
 
-    def _owner(self, path: Path) -> Step | None:
+    def owner(self, path: Path) -> Step | None:
         """The step whose output `path` is (None for a path outside the run folder)."""
         try:
             return self.steps.get(Path(path).relative_to(self.run_dir).as_posix())

@@ -28,7 +28,7 @@ from typing import Any
 from mergekit_warp import trackers
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.atomic import claim
-from mergekit_warp.io.publish import check_disjoint
+from mergekit_warp.io.publish import check_disjoint, content_fingerprint, mark_pruned
 from mergekit_warp.pipeline.config import PipelineConfig, load_config
 from mergekit_warp.pipeline.layout import CONFIG, PARETO_FILES, Layout
 from mergekit_warp.pipeline.manifest import Manifest
@@ -65,12 +65,14 @@ def run_pipeline(
 def _run(cfg: PipelineConfig, config_path: Path, run_dir: Path, sft: Path, resume: bool, log: Log) -> PipelineResult:
     lay = Layout(run_dir, cfg.iterations, cfg.runs)
     manifest = _open_manifest(lay, cfg, config_path, resume)
-    first = _first_todo(cfg, lay, manifest, sft) if resume else 1
+    first = _first_todo(cfg, lay, manifest, sft, log) if resume else 1
     init = sft
     for i in range(1, cfg.iterations + 1):
         steps = _inputs(cfg, lay, i, init, sft)
         if i < first:
             log(f"iter_{i}: done (verified), skipped")
+            if cfg.eval.enabled:  # its evaluation, redrawn from the stored scores if it went missing
+                _pareto_step(cfg, lay, manifest, sft, i, log)
         else:
             (run_dir / f"iter_{i}").mkdir(exist_ok=True)
             runs = _rl_runs(cfg, lay, manifest, i, init, resume, log)
@@ -133,27 +135,47 @@ def _inputs(cfg: PipelineConfig, lay: Layout, i: int, init: Path, sft: Path) -> 
     return out
 
 
-def _first_todo(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path) -> int:
-    """The first iteration a resumed run has work in (I + 1 when none): every step of the iterations
-    before it is finished or pruned, with the recorded inputs, and evaluated. An iteration whose init
-    was pruned starts from the iteration before it, which makes that init again."""
+def _first_todo(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path, log: Log) -> int:
+    """The first iteration a resumed run must work on (I + 1 when none): every step of the iterations
+    before it is finished or pruned with the recorded inputs, and evaluated (or its evaluation can be
+    redrawn from the stored scores). An iteration whose init was pruned starts from the iteration
+    before it, which makes that init again."""
     first, init = cfg.iterations + 1, sft
     for i in range(1, cfg.iterations + 1):
         steps = _inputs(cfg, lay, i, init, sft)
-        done = all(manifest.is_done(n, ins, or_pruned=True) for n, ins in steps.items())
-        if not done or (cfg.eval.enabled and not (lay.eval_of(i) / "summary.txt").is_file()):
+        evals = {lay.name(lay.eval_of(i))} if cfg.eval.enabled else set()
+        done = all(manifest.is_done(n, ins, or_pruned=True) for n, ins in steps.items() if n not in evals)
+        if not done or (evals and not _evaluated(cfg, lay, manifest, sft, i)):
             first = i
             break
         init = lay.liti(i)
     while 1 < first <= cfg.iterations and manifest.pruned(lay.liti(first - 1)):
+        log(
+            f"{lay.name(lay.liti(first - 1))}: deleted, and iteration {first} needs it: iteration {first - 1} is made again"
+        )
         first -= 1
     return first
+
+
+def _evaluated(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path, i: int) -> bool:
+    """Iteration i's evaluation is there, or can be redrawn from the scores stored without sampling a
+    checkpoint that was deleted."""
+    out = lay.eval_of(i)
+    if manifest.is_done(lay.name(out), {"latest": lay.liti(i)}) and all((out / f).is_file() for f in PARETO_FILES):
+        return True
+    try:
+        evaluate_run(lay.root, cfg=cfg, sft=sft, manifest=manifest, upto=i, out=out, force=True, check_only=True)
+    except WarpError:
+        return False
+    return True
 
 
 def _prune(cfg: PipelineConfig, lay: Layout, manifest: Manifest, i: int, log: Log) -> None:
     """Once iteration i is merged and evaluated: delete the weights no later step reads (the manifest
     says so first, so a kill halfway is finished by --resume), and the RL runs' --save-every
-    checkpoints, except what `keep:` names."""
+    checkpoints, except what `keep:` names. Without evaluation nothing is deleted: nothing was scored."""
+    if not cfg.eval.enabled:
+        return
     for path in lay.prune(i, cfg.keep):
         name = lay.name(path)
         if manifest.steps[name].status == "done":
@@ -165,23 +187,15 @@ def _prune(cfg: PipelineConfig, lay: Layout, manifest: Manifest, i: int, log: Lo
             shutil.rmtree(run / "checkpoints", ignore_errors=True)
 
 
-_PRUNED_NOTE = (
-    "**The weights of this checkpoint were deleted** by `warp pipeline run` once no later step read them; "
-    "its metrics and provenance remain. List `policy` (RL runs) or `merges` (SLERP, LITI) under `keep:` in "
-    "the pipeline config to keep them.\n\n"
-)
-
-
 def _drop_weights(folder: Path) -> int:
     """Delete the safetensors weights (and their index) at the top of `folder`, noting it in its
-    README; returns the bytes freed."""
+    model card; returns the bytes freed."""
     files = [*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")]
     freed = sum(f.stat().st_size for f in files)
     for f in files:
         f.unlink()
-    card = folder / "README.md"
-    if files and card.is_file() and not card.read_text().startswith(_PRUNED_NOTE):
-        card.write_text(_PRUNED_NOTE + card.read_text())
+    if files:
+        mark_pruned(folder)
     return freed
 
 
@@ -363,7 +377,7 @@ def _pareto_step(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path
     scored by an earlier evaluation are taken from it."""
     out = lay.eval_of(i)
     name, inputs = lay.name(out), {"latest": lay.liti(i)}
-    if manifest.is_done(name, inputs) and (out / "summary.txt").is_file():
+    if manifest.is_done(name, inputs) and all((out / f).is_file() for f in PARETO_FILES):
         log(f"{name}: done (verified), skipped")
         return
     log(f"{name}: Pareto evaluation of iteration(s) 1..{i} on {cfg.eval_device}")
@@ -414,11 +428,12 @@ def evaluate_run(
     device: str | None = None,
     progress: bool = True,
     on_point=None,
+    check_only: bool = False,
 ):
     """The Pareto evaluation of every finished iteration (up to `upto`) of run folder `run_dir`
     (`warp eval pareto`), with the run's own held-out prompts, reward and evaluation settings. Points
     already scored by the run's evaluations are reused: checkpoints pruned since are needed only for
-    new points (other η, device or settings)."""
+    new points (other η, device or settings). `check_only`: only check that it can be made."""
     from mergekit_warp.eval.pareto import SCORES, Iteration, load_scores, pareto
     from mergekit_warp.lm.models import model_folder
 
@@ -449,9 +464,9 @@ def evaluate_run(
     penalty = f" − {settings.length_penalty:g}·tokens" if settings.length_penalty else ""
     hashes: dict[Path, str] = {}
 
-    def key_of(p: Path) -> str:
+    def key_of(p: Path) -> str:  # a step's recorded hash; θ_sft's content
         if p not in hashes:
-            hashes[p] = manifest.current_hash(p)
+            hashes[p] = manifest.current_hash(p) if manifest.owner(p) else content_fingerprint(p)
         return hashes[p]
 
     return pareto(
@@ -475,6 +490,7 @@ def evaluate_run(
             if manifest.pruned(p)
             else None
         ),
+        check_only=check_only,
     )
 
 

@@ -83,8 +83,9 @@ def _shown(step: Step | None, m: dict) -> dict:
         return {}
     if step.kind == "rl":
         return {k: m[k] for _, k in _RL_KEYS if m.get(k) is not None}
-    if step.kind == "pareto" and m.get("merged_above_init"):
-        return {"merged_minus_sft_reward": m["merged_above_init"].get("gain")}
+    if step.kind == "pareto" and m.get("iterations"):  # the evaluation's last iteration: the one it added
+        last = m["iterations"][max(m["iterations"], key=int)]
+        return {"merged_minus_sft_reward": last.get("merged_above_init", {}).get("gain")}
     return {}
 
 

@@ -29,7 +29,8 @@ def check(s: Settings, n_models: int, has_base: bool) -> list[str]:
     if n_models < (1 if has_base else 2):
         raise WarpError(f"lerp needs at least two models (or one with --init), got {n_models}")
     w = model_weights(s, n_models)
-    return [] if abs(sum(w) - 1) < 1e-6 else [f"weights sum to {sum(w):g}, not 1: the result is rescaled"]
+    what = "the task vectors add up to" if has_base else "the result is the weights times"
+    return [] if abs(sum(w) - 1) < 1e-6 else [f"weights sum to {sum(w):g}, not 1 (not normalised): {what} that sum"]
 
 
 def build(readers: list[CheckpointReader], s: Settings, ctx: Context) -> Combine:
