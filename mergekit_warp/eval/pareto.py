@@ -115,7 +115,8 @@ def pareto(
     recipe = score_recipe(prompts, reward, settings, device)
     key_of = key_of or (lambda p: str(Path(p).resolve()))
     say = Log(progress)
-    known = {k: v for k, v in (known or {}).items() if json.loads(k)[0] == recipe}
+    every = dict(known or {})  # written back whole: a redraw with other η, device or settings loses none
+    known = {k: v for k, v in every.items() if json.loads(k)[0] == recipe}
 
     # The points, in order: (iteration, kind, η, name, θ_target, θ_merged, interpolation η).
     plan: list[tuple[int, str, float | None, str, Path, Path, float]] = [(0, "sft", None, "sft", sft, sft, 0.0)]
@@ -152,25 +153,25 @@ def pareto(
     points: list[Point] = []
     shown = 0
     for i, kind, eta, name, a, b, e in plan:
-        k = key(a, b, e)
+        k, path = key(a, b, e), str(a if same(a, b, e) else b)
         if k not in scores:
             ev = ev or Evaluator(sft, prompts, reward, settings, device)
             ev.load_liti(a, b, e)
-            scores[k] = s = ev.score(name, str(a if same(a, b, e) else b))
+            scores[k] = s = ev.score(name, path)
             if i > shown:
                 say(f"iteration {i}")
                 shown = i
             say(
                 f"  {name:<24} reward {s.reward:+.4f} ± {s.reward_se:.4f}   KL {s.kl:7.3f} ± {s.kl_se:.3f}   len {s.length:.1f}"
             )
-        path = str(a if same(a, b, e) else b)  # where it is now (a stored score may come from a moved run)
+        # `path`: where it is now (a stored score may come from a run folder since moved)
         points.append(Point(i, kind, eta, Score(**{**asdict(scores[k]), "name": name, "path": path})))
         if on_point is not None:
             on_point(len(points), len(plan))
 
     headline, summary = summarize(points, settings, reward)
     with claim(out), staged(out, replace=True) as tmp:
-        stored = {k: asdict(v) for k, v in scores.items()}  # earlier ones too: redrawing with other η loses none
+        stored = {k: asdict(v) for k, v in {**every, **scores}.items()}
         (tmp / SCORES).write_text(json.dumps({"format": "mergekit-warp/scores/1", "scores": stored}, indent=1) + "\n")
         with open(tmp / "pareto.csv", "w", newline="") as f:
             rows = [p.row() for p in points]
