@@ -11,7 +11,6 @@ the relative error it introduced.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -29,6 +28,7 @@ from mergekit_warp.io.source import resolve_source
 from mergekit_warp.io.writer import parse_size
 from mergekit_warp.merge import lora
 from mergekit_warp.merge import math as mmath
+from mergekit_warp.merge.methods.lerp import check_weights
 from mergekit_warp.merge.plan import Schedule, check_granularity, count_layers, group_names
 
 METHODS = ("slerp", "lerp", "liti")
@@ -67,9 +67,10 @@ def merge_adapters(
         ads = [read_adapter(p) for p in adapters]
         for ad in ads:
             check_base(ad, reader)
-        out = check_disjoint(Path(out), [reader.source.path, *(a.path for a in ads)])
+        guarded = [reader.source.path, *(a.path for a in ads)]
+        out = check_disjoint(Path(out), guarded)
         stack.enter_context(claim(out))
-        check_output_path(out, [reader.source.path, *(a.path for a in ads)], force)
+        check_output_path(out, guarded, force)
         coeffs = _coefficients(method, ads, reader.names, lam, lam_nonblock, granularity, weights, eta, eta_nonblock)
         merged = {
             n: lora.combine(
@@ -98,7 +99,7 @@ def merge_adapters(
         params.update(
             {"rank": rank, "densify": densify, "dtype": dtype, "ranks_out": sorted({f.rank for f in merged.values()})}
         )
-        with publishing(out, [reader.source.path, *(a.path for a in ads)], force) as tmp:
+        with publishing(out, guarded, force) as tmp:
             if densify:
                 _write_dense(reader, merged, tmp, out_dtype, parse_size(max_shard_size), progress)
             else:
@@ -188,12 +189,7 @@ def _coefficients(
         sched = Schedule.build("--eta", eta, eta_nonblock, low=0.0, high=None)
         return [{n: sched.at(n, n_layers) for n in names}]
     if method == "lerp":
-        w = weights if weights is not None else [1.0 / M] * M
-        if len(w) != M:
-            raise WarpError(f"--weights has {len(w)} values for {M} adapters; give one weight per adapter")
-        if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:  # as for full checkpoints
-            raise WarpError(f"--weights {w}: each must be a finite number >= 0, not all zero")
-        return [dict.fromkeys(names, float(x)) for x in w]
+        return [dict.fromkeys(names, x) for x in check_weights(weights, M)]  # as for full checkpoints
     if M < 2:
         raise WarpError(f"slerp needs at least two adapters, got {M}")
     sched = Schedule.build("--lambda", lam, lam_nonblock)

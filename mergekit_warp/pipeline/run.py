@@ -161,7 +161,7 @@ def _evaluated(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path, 
     """Iteration i's evaluation is there, or can be redrawn from the scores stored without sampling a
     checkpoint that was deleted."""
     out = lay.eval_of(i)
-    if manifest.is_done(lay.name(out), {"latest": lay.liti(i)}) and all((out / f).is_file() for f in PARETO_FILES):
+    if _eval_done(lay, manifest, i):
         return True
     try:
         evaluate_run(lay.root, cfg=cfg, sft=sft, manifest=manifest, upto=i, out=out, force=True, check_only=True)
@@ -377,7 +377,7 @@ def _pareto_step(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path
     scored by an earlier evaluation are taken from it."""
     out = lay.eval_of(i)
     name, inputs = lay.name(out), {"latest": lay.liti(i)}
-    if manifest.is_done(name, inputs) and all((out / f).is_file() for f in PARETO_FILES):
+    if _eval_done(lay, manifest, i):
         log(f"{name}: done (verified), skipped")
         return
     log(f"{name}: Pareto evaluation of iteration(s) 1..{i} on {cfg.eval_device}")
@@ -413,6 +413,13 @@ def _pareto_step(cfg: PipelineConfig, lay: Layout, manifest: Manifest, sft: Path
             group=lay.root.name,
             first_step=cfg.iterations,
         )
+
+
+def _eval_done(lay: Layout, manifest: Manifest, i: int) -> bool:
+    """Iteration i's evaluation is recorded done, from its iteration's LITI as it is now, and every file
+    of it is there."""
+    out = lay.eval_of(i)
+    return manifest.is_done(lay.name(out), {"latest": lay.liti(i)}) and all((out / f).is_file() for f in PARETO_FILES)
 
 
 def evaluate_run(

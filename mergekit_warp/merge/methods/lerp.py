@@ -16,7 +16,11 @@ PARAMS = (Param("weights", None, raw=True, help="One weight per model, comma-sep
 
 
 def model_weights(s: Settings, n_models: int) -> list[float]:
-    given = s.top.get("weights")
+    return check_weights(s.top.get("weights"), n_models)
+
+
+def check_weights(given: list[float] | None, n_models: int) -> list[float]:
+    """The weights of a soup of `n_models` (default uniform): one per model, finite, ≥ 0, not all zero."""
     w = [1.0 / n_models] * n_models if given is None else [float(x) for x in given]
     if len(w) != n_models:
         raise WarpError(f"--weights has {len(w)} values for {n_models} models; give one weight per model")
