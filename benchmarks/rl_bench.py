@@ -2,6 +2,7 @@
 
     python benchmarks/rl_bench.py                       # SmolLM2-135M-Instruct, 4 prompts × 2 samples × 24 tokens
     python benchmarks/rl_bench.py --model /path/to/hf --batch-size 8 --steps 6 --no-trl
+    python benchmarks/rl_bench.py --lora --no-trl           # full fine-tuning vs LoRA r=16 (both anchors)
 
 Each system runs in its own subprocess (a clean peak RSS each). The job is identical: same model, prompts
 (chat template applied), VADER sentiment reward, batch of B prompts × k samples, max 24 new tokens,
@@ -9,6 +10,11 @@ temperature 0.9, β 0.1, lr 1e-6, no warm-up, and an EMA reference updated every
 (TRL: sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=μ). The first step is a
 warm-up and is not timed. Reported: s/step (median), samples/s, generated tokens/s, peak RSS.
 Figures on a shared machine are noisy: run both systems in the same invocation and compare ratios.
+
+--lora adds `warp rl --lora-r 16` (all linear layers) with each of its anchors (`factors`, `exact`) on
+the same job (lr 1e-4 for the adapter), and prints a projection of GPU memory for a 7B model in both
+modes, computed from parameter counts (Llama-2-7B shapes, bf16 weights; activations not included):
+a projection, not a measurement.
 """
 
 from __future__ import annotations
@@ -55,6 +61,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+LORA_R = 16
+WORKERS = {"warp": ("warp rl", {}), "warp-lora-factors": ("warp rl LoRA factors", {"lora_anchor": "factors"})}
+WORKERS["warp-lora-exact"] = ("warp rl LoRA exact", {"lora_anchor": "exact"})
+
+
 def run_warp(a: argparse.Namespace) -> dict:
     from mergekit_warp.rl.config import RLConfig
     from mergekit_warp.rl.train import train
@@ -62,6 +73,9 @@ def run_warp(a: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="warp-rl-bench-"))
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    name, lora = WORKERS[a.worker]
+    if lora:
+        lora = {**lora, "lora_r": LORA_R}
     cfg = RLConfig(
         model=a.model,
         prompts=prompts,
@@ -73,10 +87,11 @@ def run_warp(a: argparse.Namespace) -> dict:
         batch_size=a.batch_size,
         samples_per_prompt=a.k,
         baseline="rloo",
-        lr=1e-6,
+        lr=1e-4 if lora else 1e-6,
         warmup=0,
         steps=a.steps,
         max_new_tokens=a.max_new_tokens,
+        **lora,
         grad_checkpointing=a.grad_checkpointing,
         kl_to_init=False,
         state_every=0,
@@ -89,7 +104,7 @@ def run_warp(a: argparse.Namespace) -> dict:
     total = time.perf_counter() - t0
     ms = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][1:]  # step 1 = warm-up
     return {
-        "system": "warp rl",
+        "system": name,
         "s_per_step": statistics.median(m["step_time"] for m in ms),
         "gen_s_per_step": statistics.median(m["gen_time"] for m in ms),
         "cpu_s_per_step": statistics.median(m["step_cpu_time"] for m in ms),
@@ -180,18 +195,19 @@ def main() -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="for both systems (TRL's default is on)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for both (0: torch's default)")
     p.add_argument("--no-trl", action="store_true")
-    p.add_argument("--worker", choices=["warp", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--lora", action="store_true", help=f"also LoRA r={LORA_R} with each anchor, and a 7B projection")
+    p.add_argument("--worker", choices=[*WORKERS, "trl"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         if a.threads:
             import torch
 
             torch.set_num_threads(a.threads)
-        print("RESULT " + json.dumps((run_warp if a.worker == "warp" else run_trl)(a)), flush=True)
+        print("RESULT " + json.dumps((run_trl if a.worker == "trl" else run_warp)(a)), flush=True)
         return
 
     a.model = a.model or default_model()
-    systems = ["warp"]
+    systems = ["warp", *(["warp-lora-factors", "warp-lora-exact"] if a.lora else [])]
     try:
         import trl  # noqa: F401
 
@@ -232,20 +248,61 @@ def main() -> None:
         f"model {a.model}; {a.batch_size} prompts × {a.k} samples = {n} completions × ≤{a.max_new_tokens} new "
         f"tokens; {a.steps} steps (first untimed); grad checkpointing {'on' if a.grad_checkpointing else 'off'}"
     )
-    print(f"{'system':<18} {'s/step':>8} {'CPU s/step':>10} {'samples/s':>10} {'tokens/s':>9} {'peak RSS':>10}")
+    print(f"{'system':<22} {'s/step':>8} {'CPU s/step':>10} {'samples/s':>10} {'tokens/s':>9} {'peak RSS':>10}")
     for r in results:
         print(
-            f"{r['system']:<18} {r['s_per_step']:>8.2f} {r['cpu_s_per_step']:>10.2f} {n / r['s_per_step']:>10.2f} "
+            f"{r['system']:<22} {r['s_per_step']:>8.2f} {r['cpu_s_per_step']:>10.2f} {n / r['s_per_step']:>10.2f} "
             f"{r['tokens_per_step'] / r['s_per_step']:>9.1f} {r['peak_rss_mb'] / 1024:>8.2f} GB"
         )
-    if len(results) == 2:
-        w, t = results
-        wall, cpu = t["s_per_step"] / w["s_per_step"], t["cpu_s_per_step"] / w["cpu_s_per_step"]
+    base = results[0] if results and results[0]["system"] == "warp rl" else None
+    for r in results[1:] if base else []:
+        wall, cpu = r["s_per_step"] / base["s_per_step"], r["cpu_s_per_step"] / base["cpu_s_per_step"]
         print(
-            f"speed-up {wall:.2f}× (wall), {cpu:.2f}× "
-            f"(CPU time); peak memory warp/TRL {w['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
+            f"{r['system']} / warp rl: {wall:.2f}× the time per step (wall), {cpu:.2f}× (CPU time), "
+            f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}× the peak memory"
         )
+    if a.lora:
+        print(projection())
     print(json.dumps(results))
+
+
+def projection() -> str:
+    """GPU memory of `warp rl` on a 7B model, from parameter counts (bytes per parameter of each copy
+    the loop keeps; activations, the KV cache and the CUDA context excluded)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from mergekit_warp.rl.lora import ALL_LINEAR, target_names
+
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    layers = [model.get_submodule(x) for x in target_names(model, [ALL_LINEAR], "Llama-2-7B")]
+    adapted = sum(m.weight.numel() for m in layers)
+    lora = sum(LORA_R * (m.in_features + m.out_features) for m in layers)
+    gb = 1e9
+    # full: bf16 policy 2 + bf16 init 2 + fp32 EMA anchor 4 + fp32 master 4 + its fp32 gradient 4 + Adam 8
+    full = n * (2 + 2 + 4 + 4 + 4 + 8) / gb
+    # LoRA: the bf16 base 2 (policy, init and anchor share it); the adapter fp32 4 + gradient 4 + Adam 8
+    lo = (n * 2 + lora * 16) / gb
+    return (
+        f"projection for a 7B model (Llama-2-7B shapes, {n / 1e9:.2f}B parameters, bf16; from parameter counts, "
+        f"activations excluded):\n"
+        f"  full fine-tuning: {full:.0f} GB (bf16 policy and init, fp32 anchor, master weights, gradient, Adam)\n"
+        f"  LoRA r={LORA_R} all-linear ({lora / 1e6:.0f}M adapter parameters), factors anchor: "
+        f"{lo + lora * 4 / gb:.1f} GB\n"
+        f"  LoRA r={LORA_R}, exact anchor (fp32 EMA of the {adapted / 1e9:.2f}B adapted weights): "
+        f"{lo + adapted * 4 / gb:.1f} GB"
+    )
 
 
 if __name__ == "__main__":

@@ -135,11 +135,9 @@ def test_cli_and_bad_input(tmp_path, lora_setup):
     for adapter in (tmp_path / "o", s["a"]):
         msg = error("liti", str(adapter), "--init", str(same_shapes), "-o", str(tmp_path / "y"))
         assert "another base" in msg
-    # mixing adapters and full checkpoints; --rank 0; --rank on full checkpoints
+    # --rank with full checkpoints among the inputs; --rank 0; --rank on full checkpoints
     ab, init, z = [str(s["a"]), str(s["b"])], ["--init", str(s["base"])], ["-o", str(tmp_path / "z")]
-    assert "is not" in error("merge", "slerp", str(s["a"]), str(s["b_full"]), *init, *z)
-    assert "--init" in error("merge", "slerp", *ab, *z)
-    assert "slerp, lerp and liti" in error("merge", "ties", *ab, "--base", str(s["base"]), *z)
+    assert "full checkpoint" in error("merge", "slerp", str(s["a"]), str(s["b_full"]), *init, "--rank", "2", *z)
     assert ">= 0" in error("merge", "lerp", *ab, *init, "--weights", "0.5,-1", *z)
     assert "--rank 0" in error("merge", "slerp", *ab, *init, "--rank", "0", *z)
     assert "LoRA" in error("merge", "slerp", str(s["a_full"]), str(s["b_full"]), *init, "--rank", "2", *z)
@@ -157,3 +155,36 @@ def test_cli_and_bad_input(tmp_path, lora_setup):
         "merge", "slerp", str(dora), str(s["b"]), "--init", str(s["base"]), "-o", str(tmp_path / "z")
     )
     assert not (tmp_path / "z").exists() and not (tmp_path / "x").exists()
+
+
+def test_adapters_among_full_checkpoints_and_base_plus_adapter(tmp_path, lora_setup):
+    """An adapter among full checkpoints is applied to --init on the fly, `BASE+ADAPTER` to that base:
+    the merges equal those of the full models peft's merge_and_unload made."""
+    s = lora_setup
+    a, b, base = str(s["a"]), str(s["b"]), str(s["base"])
+
+    def same(x, y):
+        sx, sy = load_state(x), load_state(y)
+        assert set(sx) == set(sy)
+        for k in sx:
+            torch.testing.assert_close(sx[k], sy[k], rtol=1e-5, atol=1e-6, msg=k)
+
+    want = api.slerp([s["a_full"], s["b_full"]], base, tmp_path / "want", progress=False)
+    same(api.slerp([a, s["b_full"]], base, tmp_path / "mixed", progress=False), want)
+    for method, params in (("ties", {"density": 0.5, "weight": 1.0}), ("task_arithmetic", {"weight": 0.7})):
+        full = api.merge(method, [s["a_full"], s["b_full"]], tmp_path / f"{method}_full", base=base, params=params)
+        got = api.merge(method, [a, b], tmp_path / method, base=base, params=params, progress=False)
+        same(got, full)
+    # BASE+ADAPTER without --init: a model soup of an adapter on its base and a full model
+    soup = api.merge("linear", [f"{base}+{a}", s["b_full"]], tmp_path / "soup", params={"weight": 1.0}, progress=False)
+    same(
+        soup,
+        api.merge("linear", [s["a_full"], s["b_full"]], tmp_path / "soup_full", params={"weight": 1.0}, progress=False),
+    )
+    prov = json.loads((soup / "warp_provenance.json").read_text())
+    assert prov["inputs"]["models"][0]["path"] == a  # the adapter is the recorded input, its base guarded
+    r = runner.invoke(app, ["merge", "linear", f"{base}+{a}", b, "--weight", "1", "-o", str(tmp_path / "cli"), "-q"])
+    assert r.exit_code == 0, r.output  # b alone: applied to the base its adapter_config.json names
+    other = make_tiny_llama(tmp_path / "other", seed=9)
+    r = runner.invoke(app, ["merge", "linear", f"{other}+{a}", b, "--weight", "1", "-o", str(tmp_path / "bad"), "-q"])
+    assert r.exit_code == 2 and "another base" in r.output and not (tmp_path / "bad").exists()

@@ -36,8 +36,6 @@ from mergekit_warp.errors import WarpError
 from mergekit_warp.eval.settings import EvalSettings, Recipe
 from mergekit_warp.io.atomic import claim
 from mergekit_warp.io.publish import check_disjoint, check_output_path, describe_inputs, publishing
-from mergekit_warp.io.reader import CheckpointReader
-from mergekit_warp.io.source import resolve_source
 from mergekit_warp.lm.heldout import Samples, mean_se, sample_and_score
 from mergekit_warp.progress import Log, Steps
 
@@ -88,9 +86,11 @@ class Evaluator:
     @torch.no_grad()
     def load_liti(self, target: Path, merged: Path, eta: float) -> None:
         """Policy ← (1 − η)·θ_target + η·θ_merged, tensor by tensor (fp32 math, cast on copy), read
-        through the merge engine's validated reader."""
+        through the merge engine's validated reader (either may be a LoRA adapter or BASE+ADAPTER)."""
         same = Path(target).resolve() == Path(merged).resolve()
-        with CheckpointReader(resolve_source(target)) as rt, CheckpointReader(resolve_source(merged)) as rm:
+        from mergekit_warp.merge.adapters import open_reader  # an adapter folder: on the base it records
+
+        with open_reader(target) as rt, open_reader(merged) as rm:
             if set(rt.infos) != set(rm.infos):
                 diff = sorted(set(rt.infos) ^ set(rm.infos))[:3]
                 raise WarpError(
@@ -273,9 +273,14 @@ def score_checkpoints(
 
 
 def _evaluate(checkpoints: list[str | Path], recipe: Recipe, progress: bool) -> Evaluation:
+    from mergekit_warp.io.adapter import is_adapter
     from mergekit_warp.lm.models import model_folder
+    from mergekit_warp.merge.adapters import split_spec
 
-    local = [model_folder(c, "checkpoint") for c in [recipe.init, *checkpoints]]
+    # adapters (a peft folder, or BASE+ADAPTER) are read as given: on their base, by load_folder
+    local = [model_folder(recipe.init, "checkpoint")] + [
+        Path(c) if is_adapter(c) or split_spec(c) else model_folder(c, "checkpoint") for c in checkpoints
+    ]
     s = recipe.settings
     log = Log(progress, "warp eval")
     ev = Evaluator(local[0], recipe.prompts, recipe.reward, s, recipe.device)  # a bad input fails here, unlogged

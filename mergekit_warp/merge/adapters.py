@@ -20,11 +20,11 @@ import torch
 
 from mergekit_warp.dtypes import parse_dtype
 from mergekit_warp.errors import WarpError
-from mergekit_warp.io.adapter import Adapter, read_adapter, write_adapter
+from mergekit_warp.io.adapter import Adapter, is_adapter, read_adapter, write_adapter
 from mergekit_warp.io.atomic import claim
 from mergekit_warp.io.publish import PROVENANCE, check_disjoint, check_output_path, publishing, write_provenance
 from mergekit_warp.io.reader import CheckpointReader
-from mergekit_warp.io.source import resolve_source
+from mergekit_warp.io.source import Source, resolve_source
 from mergekit_warp.io.writer import parse_size
 from mergekit_warp.merge import lora
 from mergekit_warp.merge import math as mmath
@@ -253,3 +253,72 @@ def _write_dense(
         progress=Bytes(progress),
     )
     finish_folder(folder, reader.source.folder, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adapters as full checkpoints: BASE+ADAPTER, and adapters among full checkpoints
+
+
+class AdaptedReader(CheckpointReader):
+    """A base checkpoint with a LoRA adapter added: reads of the adapted tensors give θ_base + B·A
+    (summed in fp32, returned in the base's stored dtype: what merging the adapter into the base and
+    saving it would hold), every other tensor the base's. Rows of B·A are formed per read, so nothing
+    dense is kept."""
+
+    def __init__(self, source: Source, adapter: Adapter):
+        super().__init__(source)
+        self.adapter = adapter
+
+    def read(self, name: str, start: int = 0, stop: int | None = None, into: memoryview | None = None) -> torch.Tensor:
+        f = self.adapter.modules.get(name)
+        if f is None or name in self.held:  # a held tensor was adapted when it was read
+            return super().read(name, start, stop, into)
+        t = super().read(name, start, stop, into)
+        stop = self.infos[name].numel if stop is None else stop
+        cols = f.A.shape[1]
+        r0, r1 = start // cols, -(-stop // cols)
+        rows = (f.B[r0:r1].float() @ f.A.float()).reshape(-1)[start - r0 * cols : stop - r0 * cols]
+        t.copy_((t.float() + rows).to(t.dtype))
+        return t
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.adapter.path, self.source.path]
+
+
+def split_spec(spec: str | Path) -> tuple[str, str] | None:
+    """(BASE, ADAPTER) of mergekit's `BASE+ADAPTER` syntax (a peft folder after the last '+'), else None."""
+    text = str(spec)
+    if "+" not in text or Path(text).exists():
+        return None
+    base, _, adapter = text.rpartition("+")
+    return (base, adapter) if base and is_adapter(adapter) else None
+
+
+def open_reader(spec: str | Path, revision: str | None = None, base: str | Path | None = None) -> CheckpointReader:
+    """A reader of the checkpoint `spec`: a full checkpoint; `BASE+ADAPTER` (the adapter applied to that
+    base); or an adapter folder, applied to `base` (the merge's --init) or else to the base it records
+    (a local folder or hub id in its adapter_config.json)."""
+    pair = split_spec(spec)
+    if pair is None and not is_adapter(spec):
+        return CheckpointReader(resolve_source(spec, revision))
+    base_spec, adapter = pair if pair is not None else (base, spec)
+    ad = read_adapter(adapter)
+    if base_spec is None:
+        base_spec = ad.base
+        if not base_spec:
+            raise WarpError(f"adapter {adapter} names no base model; give it as BASE+{adapter}")
+    try:
+        source = resolve_source(base_spec, revision if pair is not None or base is not None else None)
+    except WarpError as e:
+        raise WarpError(
+            f"adapter {adapter}: its base {base_spec} cannot be read ({e}); give it as BASE+{adapter}"
+        ) from None
+    with CheckpointReader(source) as plain:
+        check_base(ad, plain)
+    return AdaptedReader(source, ad)
+
+
+def reader_paths(reader: CheckpointReader) -> list[Path]:
+    """What a reader reads from: the checkpoint, or an adapter and its base."""
+    return reader.paths if isinstance(reader, AdaptedReader) else [reader.source.path]

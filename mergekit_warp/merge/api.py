@@ -20,10 +20,9 @@ from mergekit_warp.errors import WarpError
 from mergekit_warp.io.atomic import claim
 from mergekit_warp.io.preflight import preflight
 from mergekit_warp.io.publish import check_disjoint, check_output_path, publishing, write_provenance
-from mergekit_warp.io.reader import CheckpointReader
-from mergekit_warp.io.source import resolve_source
 from mergekit_warp.io.writer import parse_size
 from mergekit_warp.merge import config_yaml
+from mergekit_warp.merge.adapters import open_reader, reader_paths
 from mergekit_warp.merge.engine import BUDGET, CHUNK, finish_folder, gram_pass, write_pass
 from mergekit_warp.merge.methods import REGISTRY
 from mergekit_warp.merge.methods.base import REQUIRED, Context, Settings, validate
@@ -63,12 +62,6 @@ def merge(
     once (see merge/engine.py)."""
     if method not in REGISTRY:
         raise WarpError(f"unknown merge method {method!r}; choose one of {', '.join(REGISTRY)}")
-    from mergekit_warp.io.adapter import is_adapter
-
-    adapters = [str(m) for m in [*models, *([base] if base is not None else [])] if is_adapter(m)]
-    if adapters:
-        where = "with --init (their base)" if method in ("slerp", "lerp", "liti") else "by slerp, lerp and liti"
-        raise WarpError(f"{adapters[0]} is a LoRA adapter: adapters are merged {where} only")
     m = REGISTRY[method]
     if base is None and m.base == "required":
         raise WarpError(f"{method} needs a base model (--init/--base: the model the task vectors are taken from)")
@@ -80,9 +73,10 @@ def merge(
     budget = parse_size(memory_budget, "--memory-budget", zero=True)
     specs = ([base] if base is not None else []) + list(models)
     with ExitStack() as stack:
-        readers = [stack.enter_context(CheckpointReader(resolve_source(s, revision))) for s in specs]
-        paths = [r.source.path for r in readers]
-        guarded = [*paths, *map(Path, read_too)]
+        # an adapter among the models is applied to the base on the fly (merge/adapters.py: open_reader)
+        readers = [stack.enter_context(open_reader(s, revision, base)) for s in specs]
+        paths = [reader_paths(r)[0] for r in readers]
+        guarded = [*(p for r in readers for p in reader_paths(r)), *map(Path, read_too)]
         settings = Settings(top, per_model, count_layers(readers[0].names))
         notes = validate(m, settings, len(models), base is not None, readers[0].names)
         out = check_disjoint(Path(out), guarded)  # before the lock file is made beside it
@@ -177,16 +171,14 @@ def _adapters(inputs: Sequence[PathLike], common: dict[str, Any]) -> bool:
     from mergekit_warp.io.adapter import is_adapter
 
     flags = [is_adapter(m) for m in inputs]
-    if any(flags) and not all(flags):
-        raise WarpError(
-            f"{inputs[flags.index(True)]} is a LoRA adapter and {inputs[flags.index(False)]} is not: "
-            "merge adapters with adapters, or densify them first (`warp liti ADAPTER --init BASE --eta 1 "
-            "--densify -o FULL`)"
-        )
-    if not any(flags):
-        for option in ("rank", "densify"):
-            if common.pop(option, None) not in (None, False):
-                raise WarpError(f"--{option} is for LoRA adapters (folders with adapter_config.json)")
+    if not all(flags):  # full checkpoints, or adapters among them: applied to --init on the fly, a full model
+        if common.pop("rank", None) is not None:
+            raise WarpError(
+                "--rank is for merges of LoRA adapters only"
+                + (f" ({inputs[flags.index(False)]} is a full checkpoint)" if any(flags) else "")
+            )
+        if common.pop("densify", False) and not any(flags):
+            raise WarpError("--densify is for LoRA adapters (folders with adapter_config.json)")
     return all(flags) and bool(flags)
 
 
@@ -294,7 +286,7 @@ def inspect(
         raise WarpError("inspect needs at least one model besides --init")
     check_granularity(granularity)
     with ExitStack() as stack:
-        readers = [stack.enter_context(CheckpointReader(resolve_source(s, revision))) for s in [init, *models]]
+        readers = [stack.enter_context(open_reader(s, revision, init)) for s in [init, *models]]
         preflight(readers)
         groups = group_names(readers[0].names, granularity)
         grams = gram_pass(

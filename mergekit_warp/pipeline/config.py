@@ -8,6 +8,7 @@ iterations: 2                      # I
 runs: 2                            # M, RL runs per iteration
 seed: 0                            # run m of iteration i uses seeds[m-1] + 1000·(i-1)
 rl: {steps: 16, lr: 2.0e-5, ...}   # any RLConfig field except model/prompts/reward/out/device/seed/resume/force
+                                   # (LoRA: lora: {r: 16, alpha: 32, targets: all-linear, anchor: factors})
 per_run: [{}, {length_penalty: 0.0005}]   # optional RLConfig overrides, one mapping per run
 slerp: {lam: 0.5, granularity: block}
 liti: {eta: 0.3, target: init}     # target: init (Algorithm 1) or sft
@@ -164,6 +165,16 @@ class PipelineConfig(_Frozen):
         except WarpError as e:
             raise ValueError(str(e).split(": ", 1)[-1]) from None
 
+    @field_validator("rl", mode="before")
+    @classmethod
+    def _rl_lora(cls, v: Any) -> Any:
+        return flatten_lora(v)
+
+    @field_validator("per_run", mode="before")
+    @classmethod
+    def _per_run_lora(cls, v: Any) -> Any:
+        return [flatten_lora(d) for d in v] if isinstance(v, (list, tuple)) else v
+
     @model_validator(mode="after")
     def _lengths(self) -> PipelineConfig:
         if self.seeds is not None and len(self.seeds) != self.runs:
@@ -182,6 +193,11 @@ class PipelineConfig(_Frozen):
     def rl_options(self, run: int) -> dict[str, Any]:
         """The RL options of run `run` (1-based): the shared section, then its per-run overrides."""
         return {**self.rl, **(self.per_run[run - 1] if self.per_run else {})}
+
+    @property
+    def lora(self) -> bool:
+        """The RL runs train LoRA adapters (then SLERP merges adapters and LITI writes full models)."""
+        return any(self.rl_options(m).get("lora_r") is not None for m in range(1, self.runs + 1))
 
     def group(self, run: int) -> tuple[str, ...]:
         """The device(s) of run `run` (1-based): one, or a group for a data-parallel run."""
@@ -210,6 +226,24 @@ class PipelineConfig(_Frozen):
             self.model_dump(mode="json", exclude={"report_to", "push_to_hub", "keep"}), sort_keys=True
         ).encode()
         return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+LORA_KEYS = {"r": "lora_r", "alpha": "lora_alpha", "targets": "lora_targets", "anchor": "lora_anchor"}
+
+
+def flatten_lora(section: Any) -> Any:
+    """An RL section's `lora: {r, alpha, targets, anchor}` as the RL options lora_r, lora_alpha, …"""
+    if not isinstance(section, dict) or "lora" not in section:
+        return section
+    sub, rest = section["lora"], {k: v for k, v in section.items() if k != "lora"}
+    if not isinstance(sub, dict):
+        raise ValueError("lora: must be a mapping such as {r: 16, alpha: 32, targets: all-linear, anchor: factors}")
+    for key in sub:
+        if key not in LORA_KEYS:
+            raise ValueError(f"lora.{key}: unknown key; use {', '.join(LORA_KEYS)}")
+        if LORA_KEYS[key] in rest:
+            raise ValueError(f"lora.{key} and {LORA_KEYS[key]} both given; keep one")
+    return {**rest, **{LORA_KEYS[k]: v for k, v in sub.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any
 
 from mergekit_warp import trackers
 from mergekit_warp.errors import WarpError
+from mergekit_warp.io.adapter import is_adapter
 from mergekit_warp.io.atomic import claim
 from mergekit_warp.io.publish import check_disjoint, content_fingerprint, mark_pruned
 from mergekit_warp.pipeline.config import PipelineConfig, load_config
@@ -102,7 +103,9 @@ def _run(cfg: PipelineConfig, config_path: Path, run_dir: Path, sft: Path, resum
                 steps[lay.name(out)],
                 out,
                 log,
-                lambda o, force, merged=merged, target=target, eta=eta: _liti(merged, target, o, eta, force),
+                lambda o, force, merged=merged, target=target, init=init, eta=eta: _liti(
+                    merged, target, init, sft, o, eta, force
+                ),
             )
             if cfg.eval.enabled:
                 _pareto_step(cfg, lay, manifest, sft, i, log)
@@ -130,6 +133,8 @@ def _inputs(cfg: PipelineConfig, lay: Layout, i: int, init: Path, sft: Path) -> 
     if cfg.runs > 1:
         out[lay.name(lay.merged(i))] = {"init": init, **{f"run_{m}": r for m, r in enumerate(lay.runs_of(i), 1)}}
     out[lay.name(lay.liti(i))] = {"merged": lay.merged(i), "target": init if cfg.liti.target == "init" else sft}
+    if cfg.lora and i > 1:  # LITI on adapters also reads the init (the adapter's base and its stack/)
+        out[lay.name(lay.liti(i))]["init"] = init
     if cfg.eval.enabled:
         out[lay.name(lay.eval_of(i))] = {"latest": lay.liti(i)}
     return out
@@ -454,7 +459,7 @@ def evaluate_run(
     cfg = cfg or PipelineConfig.model_validate(manifest.config)
     sft = sft or model_folder(cfg.init, "init")
     lay = Layout(run_dir, cfg.iterations, cfg.runs)
-    ready = lambda p: manifest.pruned(p) or (p / "config.json").is_file()  # noqa: E731
+    ready = lambda p: manifest.pruned(p) or (p / "config.json").is_file() or is_adapter(p)  # noqa: E731
     iterations, init = [], sft
     for i in range(1, (upto or cfg.iterations) + 1):
         if not all(ready(p) for p in [*lay.runs_of(i), lay.merged(i)]):
@@ -508,10 +513,63 @@ def _slerp(cfg: PipelineConfig, runs: list[Path], init: Path, out: Path, force: 
     return api.slerp(runs, init, out, lam=lam, granularity=cfg.slerp.granularity, force=force, progress=False)
 
 
-def _liti(merged: Path, target: Path, out: Path, eta: float, force: bool) -> Path:
+def _liti(merged: Path, target: Path, init: Path, sft: Path, out: Path, eta: float, force: bool) -> Path:
+    """LITI of the iteration's merge toward `target`. On LoRA adapters (`merged` an adapter of `init`)
+    the result is a full model, the next RL runs' base (see `_stack` for final/adapter/)."""
     from mergekit_warp.merge import api
 
-    return api.liti(merged, target, out, eta=eta, force=force, progress=False)
+    if not is_adapter(merged):
+        return api.liti(merged, target, out, eta=eta, force=force, progress=False)
+    if target == init:  # θ_init + η·δ, exactly
+        api.liti(merged, init, out, eta=eta, densify=True, force=force, progress=False)
+    else:  # toward θ_sft: (1 − η)·θ_sft + η·(θ_init + δ), the adapter applied to its base on the fly
+        api.liti(f"{init}+{merged}", target, out, eta=eta, force=force, progress=False)
+    _stack(merged, init, sft, out, eta, toward_sft=target != init)
+    return out
+
+
+STACK = "adapter"
+
+
+def _stack(merged: Path, init: Path, sft: Path, out: Path, eta: float, toward_sft: bool) -> None:
+    """OUT/adapter/: θ_out − θ_sft as one LoRA adapter of θ_sft, exact up to the rounding of the inits
+    to the model's dtype. LITI is linear, so with δ_i the merged adapter of iteration i and S_{i−1} the
+    previous stack: S_i = S_{i−1} + η·δ_i toward the init, η·(S_{i−1} + δ_i) toward θ_sft. Its rank
+    grows by Σ r_m per iteration; it is written only while its factors are smaller than the layers
+    they change (beyond that the full model is the smaller form)."""
+    from mergekit_warp.io.adapter import read_adapter, write_adapter
+    from mergekit_warp.io.atomic import staged
+    from mergekit_warp.io.publish import write_provenance
+    from mergekit_warp.io.reader import CheckpointReader
+    from mergekit_warp.io.source import resolve_source
+    from mergekit_warp.merge import lora
+    from mergekit_warp.merge.adapters import base_sample
+
+    delta = read_adapter(merged).modules
+    prev = read_adapter(init / STACK).modules if (init / STACK).is_dir() else {}
+    if init != sft and not prev:
+        return  # the init's own stack was too large to write: so is this one
+    a, b = (eta, eta) if toward_sft else (1.0, eta)
+    stack = {
+        n: lora.combine(
+            [c for c, part in ((a, prev.get(n)), (b, delta.get(n))) if part is not None],
+            [part for part in (prev.get(n), delta.get(n)) if part is not None],
+        )
+        for n in sorted({*prev, *delta})
+    }
+    if any(f.rank * sum(f.shape) >= f.shape[0] * f.shape[1] for f in stack.values()):
+        return
+    with CheckpointReader(resolve_source(sft)) as reader:
+        sample = base_sample(reader, sorted(stack))
+    with staged(out / STACK, replace=True) as tmp:
+        write_adapter(tmp, stack, str(sft))
+        write_provenance(
+            tmp,
+            "warp-pipeline-stack",
+            {"base_sample": sample, "ranks_out": sorted({f.rank for f in stack.values()})},
+            {"base": sft, "merged": merged},
+            [f"the policy as a LoRA adapter of {sft}: rank {max(f.rank for f in stack.values())}"],
+        )
 
 
 def _train(rl_cfg, group: tuple[str, ...] = ("cpu",)) -> Path:

@@ -158,6 +158,30 @@ class RLConfig(BaseModel):
     )
     run_name: Optional[str] = Field(None, description="Name of the tracker run (default: OUT's folder name).")
     run_group: Optional[str] = Field(None, description="Group of the tracker run (a pipeline groups its runs).")
+    lora_r: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Train a LoRA adapter of this rank instead of the whole model: the base stays frozen in "
+        "--dtype, the adapter trains in fp32 and Adam holds only its state; the init is the base without the "
+        "adapter and the anchor a second adapter state on the same base. OUT/ is then a peft adapter folder.",
+    )
+    lora_alpha: Optional[float] = Field(
+        None, gt=0, le=1e6, description="LoRA scale numerator: the adapter adds (α/r)·B·A (default 2·r)."
+    )
+    lora_targets: Optional[list[str]] = Field(
+        None,
+        description="Layers the adapter trains: all-linear (default: every linear layer but the output head) or "
+        "layer names, repeated or as a comma list (q_proj,v_proj).",
+    )
+    lora_anchor: Optional[Literal["factors", "exact"]] = Field(
+        None,
+        description="The EMA anchor of a LoRA run: 'factors' (default: EMAs of A and B, adapter-sized; the EMA of "
+        "the factors is not the EMA of their product, see the README for how far it drifts) or 'exact' (an fp32 "
+        "EMA of the dense deltas s·B·A: one fp32 copy of the targeted layers).",
+    )
+    merge_adapter: bool = Field(
+        False, description="With --lora-r: also write the policy merged into its base as a full model in OUT/merged/."
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -181,6 +205,13 @@ class RLConfig(BaseModel):
         except WarpError as e:
             raise ValueError(str(e).split(": ", 1)[-1]) from None
 
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _lora_targets(cls, v: Any) -> Optional[list[str]]:
+        from mergekit_warp.rl.lora import parse_targets
+
+        return parse_targets(v)
+
     @model_validator(mode="after")
     def _consistent(self) -> RLConfig:
         def need(ok: bool, msg: str) -> None:
@@ -199,11 +230,22 @@ class RLConfig(BaseModel):
         )
         need(self.kl_stop is None or self.kl_to_init, "--kl-stop needs the KL to the init: drop --no-kl-to-init")
         need(self.eval_every == 0 or self.eval_prompts is not None, "--eval-every needs --eval-prompts FILE")
+        lora_options = ("lora_alpha", "lora_targets", "lora_anchor", "merge_adapter")
+        given = [flag(o) for o in lora_options if getattr(self, o) not in (None, False)]
+        need(self.lora_r is not None or not given, f"{', '.join(given)} needs --lora-r (the adapter's rank)")
+        need(
+            self.lora_anchor is None or self.anchor == "ema",
+            "--lora-anchor is the EMA anchor's form: it needs --anchor ema",
+        )
         return self
 
     @property
     def completions_per_step(self) -> int:
         return self.batch_size * self.samples_per_prompt
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_r is not None
 
     @property
     def chunk(self) -> int:
@@ -225,6 +267,11 @@ ADDED_OPTIONS = {
     "report_to": None,
     "run_name": None,
     "run_group": None,
+    "lora_r": None,
+    "lora_alpha": None,
+    "lora_targets": None,
+    "lora_anchor": None,
+    "merge_adapter": False,
 }
 
 # Fields that may change between an interrupted run and its `--resume` without changing the result.
@@ -245,6 +292,7 @@ RESUMABLE_CHANGES = frozenset(
         "report_to",
         "run_name",
         "run_group",
+        "merge_adapter",
     }
 )
 

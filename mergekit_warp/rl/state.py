@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.atomic import recover, staged, write_atomic
-from mergekit_warp.io.publish import copy_support_files, set_config_dtype, write_provenance
+from mergekit_warp.io.publish import copy_support_files, set_config_dtype
 from mergekit_warp.lm.models import quiet_transformers
 from mergekit_warp.rl.dist_state import copy_full_into, shard_optimizer_state
 
@@ -68,13 +68,6 @@ def cast(named: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.
             done[v.data_ptr()] = v.to(dtype)
         out[k] = done[v.data_ptr()]
     return out
-
-
-def write_checkpoint(model, src: Path, folder: Path, step: int, params: dict, state_dict: dict | None = None) -> None:
-    """Publish checkpoints/step_K atomically (replacing one left by a run that died before its state)."""
-    with staged(folder, replace=True) as tmp:
-        write_hf(model, src, tmp, state_dict)
-        write_provenance(tmp, "warp-rl-checkpoint", {**params, "step": step}, {"init": src})
 
 
 def _cpu(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

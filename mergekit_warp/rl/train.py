@@ -34,8 +34,17 @@ from mergekit_warp import trackers
 from mergekit_warp.devices import resolve_device
 from mergekit_warp.dtypes import parse_dtype
 from mergekit_warp.errors import WarpError
-from mergekit_warp.io.atomic import claim
-from mergekit_warp.io.publish import PROVENANCE, check_disjoint, check_output_path, publishing, write_provenance
+from mergekit_warp.io.adapter import write_adapter
+from mergekit_warp.io.atomic import claim, staged
+from mergekit_warp.io.builtin import BUILTIN
+from mergekit_warp.io.publish import (
+    PROVENANCE,
+    check_disjoint,
+    check_output_path,
+    copy_support_files,
+    publishing,
+    write_provenance,
+)
 from mergekit_warp.lm import heldout
 from mergekit_warp.lm.models import load_model, load_tokenizer, model_context, model_folder
 from mergekit_warp.lm.prompts import Prompt, check_lengths, read_prompts
@@ -44,6 +53,7 @@ from mergekit_warp.lm.sampling import Rollout, generate, sequence_logprobs
 from mergekit_warp.progress import Steps, duration
 from mergekit_warp.rl import state as st
 from mergekit_warp.rl.config import ADDED_OPTIONS, RESUMABLE_CHANGES, RLConfig
+from mergekit_warp.rl.lora import ALL_LINEAR, Lora, merged_state, target_names
 from mergekit_warp.rl.objective import advantages, ema_update, lr_at, reinforce_loss, shaped_reward
 from mergekit_warp.rl.parallel import MasterWeights, Parallel
 
@@ -92,16 +102,37 @@ class Run:
     opt: torch.optim.Optimizer
     work: Path
     step: int = 0
+    lora: Lora | None = None
+    """The trained adapter (--lora-r); then `anchor` and `init` are views of the policy's model."""
+    base_sample: dict | None = None
+    """With --lora-r: a sample of the base's weights, recorded so merges can tell the adapter's base."""
 
     @property
     def autocast(self) -> torch.dtype | None:
-        """The fp32 anchor runs at the policy's precision."""
+        """The fp32 anchor runs at the policy's precision (a LoRA anchor shares the policy's base)."""
         dtype = parse_dtype(self.cfg.dtype)
-        return dtype if dtype != torch.float32 else None
+        return dtype if dtype != torch.float32 and self.lora is None else None
 
-    def anchor_params(self) -> list[torch.Tensor]:
+    def ema_state(self) -> dict[str, torch.Tensor] | None:
+        """The EMA anchor's fp32 tensors by name (what the resumable state saves); None with --anchor init."""
+        if self.cfg.anchor != "ema":
+            return None
+        if self.lora is not None:
+            return self.lora.ema
         named = dict(self.anchor.named_parameters())
-        return [named[n] for n in self.weights.names]
+        return {n: named[n] for n in self.weights.names}
+
+    def update_anchor(self) -> None:
+        """θ_anchor ← (1 − μ)·θ_anchor + μ·θ (on local shards under FSDP: sharded like the policy)."""
+        if self.cfg.anchor != "ema":
+            return
+        if self.lora is not None:
+            self.lora.update_anchor(self.cfg.mu)
+        else:
+            ema = self.ema_state()
+            ema_update(
+                [_local(ema[n]) for n in self.weights.names], [_local(m) for m in self.weights.tensors], self.cfg.mu
+            )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,9 +192,7 @@ def step(run: Run) -> dict[str, float]:
         _diverged(run, "the weights became NaN/Inf after the optimiser step")
     run.weights.push()
 
-    # -- anchor update (on local shards under FSDP: the anchor is sharded like the policy)
-    if cfg.anchor == "ema":
-        ema_update([_local(a) for a in run.anchor_params()], [_local(m) for m in run.weights.tensors], cfg.mu)
+    run.update_anchor()
     run.step += 1
 
     # -- metrics
@@ -294,11 +323,25 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
     )
 
     dtype, where = parse_dtype(cfg.dtype), par.load_device(cfg.device)
-    policy = load_model(src, par.policy_dtype(dtype), where)
-    anchor = par.place(load_model(src, "fp32", where).requires_grad_(False))  # fp32 even for a bf16 policy
-    init = anchor if cfg.anchor == "init" else None
-    if init is None and (cfg.kl_to_init or eval_prompts):
-        init = par.place(load_model(src, cfg.dtype, where).requires_grad_(False))  # frozen: policy dtype suffices
+    want_init = cfg.anchor == "init" or cfg.kl_to_init or bool(eval_prompts)
+    lora = None
+    if cfg.lora:  # one model: the base (frozen, any dtype) with the adapter; init and anchor are views of it
+        if par.fsdp:
+            raise WarpError("--lora-r does not run under --parallel fsdp yet; use --parallel ddp (the default)")
+        policy = load_model(src, dtype, where).requires_grad_(False)
+        names = target_names(policy, cfg.lora_targets or [ALL_LINEAR], str(cfg.model))
+        kind = (cfg.lora_anchor or "factors") if cfg.anchor == "ema" else None
+        lora = Lora(policy, names, cfg.lora_r, cfg.lora_alpha or 2.0 * cfg.lora_r, kind, seed_of(cfg.seed, 0x10A))
+        anchor = lora.view(policy, "anchor" if cfg.anchor == "ema" else None)
+        init = anchor if cfg.anchor == "init" else lora.view(policy, None) if want_init else None
+        if cfg.grad_checkpointing:  # the frozen embedding's output must carry grad into checkpointed blocks
+            policy.enable_input_require_grads()
+    else:
+        policy = load_model(src, par.policy_dtype(dtype), where)
+        anchor = par.place(load_model(src, "fp32", where).requires_grad_(False))  # fp32 even for a bf16 policy
+        init = anchor if cfg.anchor == "init" else None
+        if init is None and want_init:
+            init = par.place(load_model(src, cfg.dtype, where).requires_grad_(False))  # frozen: policy dtype suffices
     if cfg.grad_checkpointing:  # transformers ≥ 5.2x renamed it; older releases only have the first name
         getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
     for m in policy.modules():  # RL wants log π of the sampling policy: no dropout, even in train mode
@@ -308,9 +351,10 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
 
     names = [n for n, p in policy.named_parameters() if p.requires_grad]
     params = [p for p in policy.parameters() if p.requires_grad]
-    anchor_named = dict(anchor.named_parameters())
-    # Adam's weights: the policy's own in fp32, else fp32 copies of the fp32 anchor (= the init, now).
-    separate = par.policy_dtype(dtype) != torch.float32
+    # Adam's weights: the policy's own in fp32 (an adapter always), else fp32 copies of the fp32 anchor
+    # (= the init, now).
+    separate = par.policy_dtype(dtype) != torch.float32 and lora is None
+    anchor_named = dict(anchor.named_parameters()) if separate else {}
     weights = MasterWeights(names, params, [anchor_named[n] for n in names] if separate else None)
     # Fused Adam (CPU and CUDA): one kernel per tensor, no foreach temporaries the size of the model.
     dev_type = torch.device(where if not par.fsdp else par.device(cfg.device)).type
@@ -331,16 +375,26 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
         weights,
         opt,
         work,
+        lora=lora,
+        base_sample=_base_sample(src, lora.names) if lora is not None else None,
     )
     if resuming:
-        ema = dict(zip(names, run.anchor_params())) if cfg.anchor == "ema" else None
-        run.step = st.load_state(work, weights.named(), ema, opt)
+        run.step = st.load_state(work, weights.named(), run.ema_state(), opt)
         weights.push()
         if par.is_main:
             st.trim_after(work, run.step)
     elif par.is_main:
         st.start_work(work, cfg.as_dict())
     return run
+
+
+def _base_sample(src: Path, names: list[str]) -> dict:
+    from mergekit_warp.io.reader import CheckpointReader
+    from mergekit_warp.io.source import resolve_source
+    from mergekit_warp.merge.adapters import base_sample
+
+    with CheckpointReader(resolve_source(str(src))) as reader:
+        return base_sample(reader, [f"{n}.weight" for n in names])
 
 
 def _inputs(cfg: RLConfig) -> list[Path]:
@@ -534,23 +588,45 @@ def save(run: Run, checkpoint: bool) -> None:
     """checkpoints/step_K (when `checkpoint`) and the resumable state; rank 0 writes. FSDP shards are
     gathered first (every rank must take part), DDP replicas are checked equal first."""
     par = run.par
-    par.check(run.policy, "policy")
-    par.check(run.anchor, "anchor")
+    par.check(run.policy, "policy")  # (an adapter is part of it)
+    if run.lora is None:
+        par.check(run.anchor, "anchor")
     policy_sd = par.full(dict(run.policy.state_dict())) if checkpoint and par.fsdp else None
     master = par.full(run.weights.named())
-    ema = par.full(dict(zip(run.weights.names, run.anchor_params()))) if run.cfg.anchor == "ema" else None
+    ema = run.ema_state()
+    ema = par.full(ema) if ema is not None else None
     osd = par.optimizer_state(run.opt)
     if par.is_main:
         if checkpoint:
-            st.write_checkpoint(
-                run.policy, run.src, run.work / "checkpoints" / f"step_{run.step}", run.step, _record(run), policy_sd
-            )
+            folder = run.work / "checkpoints" / f"step_{run.step}"
+            with staged(folder, replace=True) as tmp:  # replacing one left by a run that died before its state
+                _write_policy(run, tmp, policy_sd)
+                write_provenance(tmp, "warp-rl-checkpoint", {**_record(run), "step": run.step}, {"init": run.src})
         st.save_state(run.work, run.step, master, ema, osd)
+
+
+def _write_policy(run: Run, folder: Path, state_dict: dict | None = None) -> None:
+    """The policy as an HF folder, or with --lora-r as a peft adapter folder of its base (tokenizer files
+    beside it, no config.json: nothing should take it for a full model)."""
+    if run.lora is None:
+        st.write_hf(run.policy, run.src, folder, state_dict)
+        return
+    write_adapter(folder, run.lora.factors(), _base_name(run))
+    for f in copy_support_files(run.src, folder):
+        if f in ("config.json", "generation_config.json"):
+            (folder / f).unlink()
+
+
+def _base_name(run: Run) -> str:
+    """The base an adapter names in its adapter_config.json: a hub id as given, else the absolute folder."""
+    local = Path(run.cfg.model).exists() or run.cfg.model in BUILTIN
+    return str(Path(run.src).absolute()) if local else run.cfg.model
 
 
 def _record(run: Run) -> dict:
     """The parameters recorded in every output's provenance (and a tracker run's config)."""
-    return _options(run.cfg, run.par)
+    extra = {"base_sample": run.base_sample} if run.base_sample is not None else {}
+    return {**_options(run.cfg, run.par), **extra}
 
 
 def _options(cfg: RLConfig, par: Parallel) -> dict:
@@ -566,7 +642,8 @@ def publish(run: Run, out: Path, stopped: str) -> Path:
     """Write OUT (policy, anchor/, checkpoints/, metrics.jsonl) atomically, then drop the work folder."""
     cfg, par, work = run.cfg, run.par, run.work
     par.check(run.policy, "policy")
-    par.check(run.anchor, "anchor")
+    if run.lora is None:
+        par.check(run.anchor, "anchor")
     policy_sd = par.full(dict(run.policy.state_dict())) if par.fsdp else None  # collective
     anchor_sd = par.full(dict(run.anchor.state_dict())) if par.fsdp and cfg.save_anchor else None
     if not par.is_main:
@@ -574,14 +651,25 @@ def publish(run: Run, out: Path, stopped: str) -> Path:
         return out
     record = {**_record(run), "steps_done": run.step}
     saved_force = st.read_config(work).get("force", False)
+    dtype = parse_dtype(cfg.dtype)
     with publishing(out, _inputs(cfg), force=cfg.force or saved_force) as tmp:
-        st.write_hf(run.policy, run.src, tmp, policy_sd)
-        if cfg.save_anchor:  # in the policy's dtype, like the policy (the fp32 EMA lived in the state)
-            dtype = parse_dtype(cfg.dtype)
-            sd = anchor_sd if anchor_sd is not None else dict(run.anchor.state_dict())
+        _write_policy(run, tmp, policy_sd)
+        if cfg.save_anchor and cfg.anchor == "ema":  # in the policy's dtype, like the policy (fp32 in the state)
             (tmp / "anchor").mkdir()
-            st.write_hf(run.anchor, run.src, tmp / "anchor", st.cast(sd, dtype), dtype=dtype)
+            if run.lora is None:
+                sd = anchor_sd if anchor_sd is not None else dict(run.anchor.state_dict())
+                st.write_hf(run.anchor, run.src, tmp / "anchor", st.cast(sd, dtype), dtype=dtype)
+            elif run.lora.anchor == "factors":  # an adapter like the policy
+                write_adapter(tmp / "anchor", run.lora.factors(anchor=True), _base_name(run))
+            else:  # the exact EMA of the deltas has full rank: the base with it added, a full model
+                sd = st.cast(merged_state(run.policy, run.lora.deltas(anchor=True)), dtype)
+                st.write_hf(run.policy, run.src, tmp / "anchor", sd, dtype=dtype)
             write_provenance(tmp / "anchor", f"{METHOD}-anchor", record, {"init": run.src})
+        if cfg.merge_adapter:
+            (tmp / "merged").mkdir()
+            sd = st.cast(merged_state(run.policy, run.lora.deltas()), dtype)
+            st.write_hf(run.policy, run.src, tmp / "merged", sd, dtype=dtype)
+            write_provenance(tmp / "merged", f"{METHOD}-merged", record, {"init": run.src})
         st.link_tree(work / "checkpoints", tmp / "checkpoints")
         shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
         inputs: dict[str, Any] = {"init": run.src, "prompts": cfg.prompts}
@@ -595,6 +683,13 @@ def publish(run: Run, out: Path, stopped: str) -> Path:
             + (f"saved in {cfg.dtype} in anchor/)" if cfg.save_anchor else "not saved: --no-save-anchor)")
             + f", baseline: {cfg.baseline}, seed: {cfg.seed}",
         ]
+        if run.lora is not None:
+            notes.append(
+                f"a LoRA adapter of rank {cfg.lora_r} (scale {run.lora.scale:g}, folded into lora_B) on "
+                f"{len(run.lora.names)} linear layers of the frozen base {run.src}"
+                + (f"; anchor: {run.lora.anchor} EMA" if run.lora.anchor else "")
+                + ("; merged/ holds the base with the adapter added" if cfg.merge_adapter else "")
+            )
         if par.world_size > 1:
             notes.append(
                 f"{par.world_size} ranks ({cfg.parallel}), {cfg.batch_size // par.world_size} prompts "
