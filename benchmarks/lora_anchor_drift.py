@@ -9,7 +9,10 @@ the EMA of the products. This runs `warp rl --lora-anchor exact` (it steers the 
 factor EMAs beside it, updated after the same steps with the same μ, so both anchors see one
 trajectory. Printed every --every steps: the relative Frobenius distance ‖Δ_factors − Δ_exact‖ /
 ‖Δ_exact‖ over all adapted layers; at the end, KL(exact ‖ factors) per completion on held-out
-completions sampled from the exact anchor, and the policy's own KL to the exact anchor for scale.
+completions sampled from the exact anchor, and the exact anchor's KL to the policy for scale. Both
+are sums over each completion's tokens of the full-vocabulary KL of the next-token distributions (by
+the chain rule their mean over completions drawn from the exact anchor is the sequence KL, with far
+less variance than a difference of sampled log-probs).
 """
 
 from __future__ import annotations
@@ -51,6 +54,21 @@ def drift(lora, shadow: dict[str, torch.Tensor]) -> float:
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 
+def next_token_logp(model, ro) -> torch.Tensor:
+    """(b, L − 1, V) log-softmax of the next-token logits at temperature 1."""
+    from mergekit_warp.lm.sampling import positions
+
+    mask = ro.attention_mask
+    logits = model(input_ids=ro.input_ids, attention_mask=mask, position_ids=positions(mask)).logits
+    return torch.log_softmax(logits[:, :-1].float(), -1)
+
+
+def chain_kl(lp: torch.Tensor, lq: torch.Tensor, ro) -> float:
+    """Mean over completions of Σ_t KL(p(·|y<t) ‖ q(·|y<t)) over the completion's tokens."""
+    per_token = (lp.exp() * (lp - lq)).sum(-1) * ro.completion_mask[:, 1:]
+    return float(per_token.sum(1).mean())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M-Instruct, builtin)")
@@ -60,11 +78,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--every", type=int, default=10, help="print the distance every K steps")
-    p.add_argument("--samples", type=int, default=4, help="held-out completions per prompt for the KL")
+    p.add_argument("--samples", type=int, default=16, help="held-out completions per prompt for the KL")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args()
 
-    from mergekit_warp.lm.sampling import generate, sequence_logprobs
+    from mergekit_warp.lm.sampling import generate
     from mergekit_warp.rl import lora as rl_lora
     from mergekit_warp.rl import train as tr
     from mergekit_warp.rl.config import RLConfig
@@ -77,7 +95,10 @@ def main() -> None:
         from tiny import WORDS, make_tiny_llama
 
         model = str(make_tiny_llama(work / "tiny", seed=0))
-        prompts, HELDOUT[:] = [" ".join(WORDS[i : i + 3]) for i in range(12)], [" ".join(WORDS[-3:])]
+        prompts, HELDOUT[:] = (
+            [" ".join(WORDS[i : i + 3]) for i in range(12)],
+            [" ".join(WORDS[-i - 3 :][:3]) for i in range(3)],
+        )
         (work / "toy.py").write_text(TOY)
         reward, targets = f"{work / 'toy.py'}:reward", ["lm_head", "o_proj", "down_proj"]
     (work / "p.jsonl").write_text("".join(json.dumps({"prompt": x}) + "\n" for x in prompts))
@@ -103,24 +124,20 @@ def main() -> None:
     real_publish = tr.publish
 
     def measure(run, out, stopped):  # at the end: KL between the two anchors on held-out completions
-        tok, lo = run.tok, run.lora
+        lo = run.lora
         texts = [q for q in HELDOUT for _ in range(a.samples)]
         with torch.no_grad():
-            ro = generate(
-                run.anchor, tok, texts, max_new_tokens=run.cfg.max_new_tokens, temperature=1.0, generator_seed=1
-            )
-            args = (ro.input_ids, ro.attention_mask, ro.completion_mask, 1.0)
-            lp_exact = sequence_logprobs(run.anchor, *args)
-            lp_policy = sequence_logprobs(run.policy, *args)
+            ro = generate(run.anchor, run.tok, texts, max_new_tokens=24, temperature=1.0, generator_seed=1)
+            lp_exact, lp_policy = next_token_logp(run.anchor, ro), next_token_logp(run.policy, ro)
             kept = dict(lo.ema)
-            lo.anchor = "factors"
+            lo.anchor = "factors"  # the same hooks, reading the factor EMAs
             lo.ema.update(shadow)
-            lp_factors = sequence_logprobs(run.anchor, *args)
+            lp_factors = next_token_logp(run.anchor, ro)
             lo.anchor = "exact"
             lo.ema.clear()
             lo.ema.update(kept)
-        result["kl_exact_factors"] = float((lp_exact - lp_factors).mean())
-        result["kl_exact_policy"] = float((lp_exact - lp_policy).mean())
+        result["kl_exact_factors"] = chain_kl(lp_exact, lp_factors, ro)
+        result["kl_exact_policy"] = chain_kl(lp_exact, lp_policy, ro)
         result["tokens"] = float(ro.completion_mask.sum(1).float().mean())
         return real_publish(run, out, stopped)
 

@@ -188,3 +188,25 @@ def test_adapters_among_full_checkpoints_and_base_plus_adapter(tmp_path, lora_se
     other = make_tiny_llama(tmp_path / "other", seed=9)
     r = runner.invoke(app, ["merge", "linear", f"{other}+{a}", b, "--weight", "1", "-o", str(tmp_path / "bad"), "-q"])
     assert r.exit_code == 2 and "another base" in r.output and not (tmp_path / "bad").exists()
+
+
+def test_base_plus_adapter_in_paths_with_plus_and_in_mergekit_yaml(tmp_path, lora_setup):
+    """A '+' inside a folder name still splits where it should; a merge of BASE+ADAPTER records the base
+    and writes a merge_config.yml that `warp merge yaml` redoes bit for bit."""
+    import shutil
+
+    from mergekit_warp.merge.adapters import split_spec
+
+    s = lora_setup
+    odd = tmp_path / "a+b"
+    shutil.copytree(s["base"], odd / "base+x")
+    shutil.copytree(s["a"], odd / "adapter+y")
+    assert split_spec(f"{odd}/base+x+{odd}/adapter+y") == (f"{odd}/base+x", f"{odd}/adapter+y")
+    assert split_spec(f"{odd}/base+x") is None  # an existing path is never split
+    out = api.merge("linear", [f"{odd}/base+x+{odd}/adapter+y", s["b_full"]], tmp_path / "m", params={"weight": 1.0})
+    prov = json.loads((out / "warp_provenance.json").read_text())
+    assert prov["inputs"]["adapter_bases"][0]["path"] == f"{odd}/base+x"
+    r = runner.invoke(app, ["merge", "yaml", str(out / "merge_config.yml"), "-o", str(tmp_path / "again"), "-q"])
+    assert r.exit_code == 0, r.output
+    a, b = load_state(out), load_state(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a)

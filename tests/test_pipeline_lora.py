@@ -68,3 +68,10 @@ def test_lora_section_is_checked(pipe_init, tmp_path):
     for bad, msg in (({"rank": 4}, "lora.rank: unknown key"), (7, "must be a mapping")):
         with pytest.raises(WarpError, match=msg):
             load_config(write_config(tmp_path, pipe_init, rl={**RL, "lora": bad}))
+
+
+def test_lora_targets_are_checked_before_the_run_folder_exists(pipe_init, tmp_path):
+    cfg = write_config(tmp_path, pipe_init, rl={**RL, "lora": {"r": 2, "targets": "nothing"}})
+    with pytest.raises(WarpError, match="--lora-targets nothing: no linear layer"):
+        run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

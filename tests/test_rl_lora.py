@@ -203,3 +203,29 @@ def test_ddp_two_processes_give_the_one_process_adapter(tiny_init, files, tmp_pa
             x["kl_init"], rel=1e-4
         )
     assert json.loads((two / "warp_provenance.json").read_text())["params"]["world_size"] == 2
+
+
+def test_resume_refuses_a_changed_base(tmp_path, files, monkeypatch):
+    base = make_tiny_llama(tmp_path / "base", seed=0)
+    monkeypatch.setenv("WARP_TEST_FAIL_AT", "3")
+    with pytest.raises(WarpError, match="resumable state of step 2"):
+        train(lcfg(base, files, tmp_path / "o", steps=4, state_every=1))
+    monkeypatch.delenv("WARP_TEST_FAIL_AT")
+    make_tiny_llama(tmp_path / "other", seed=1)
+    (tmp_path / "base" / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(WarpError, match="has other weights than when the interrupted run"):
+        train(lcfg(base, files, tmp_path / "o", steps=4, state_every=1, resume=True))
+    assert (tmp_path / "o.partial" / "state").is_dir()  # still resumable once the base is restored
+
+
+def test_generate_reads_an_adapter_and_the_card_says_peft(exact, tiny_init):
+    """`warp generate RUN` (on the base the adapter names) and BASE+RUN give merged/'s replies."""
+    args = ["generate", "--prompt", "the cat is", "--samples", "2", "--json", "--max-new-tokens", "5"]
+    want = CliRunner().invoke(app, [*args[:1], str(exact / "merged"), *args[1:]])
+    assert want.exit_code == 0, want.output
+    for spec in (str(exact), f"{tiny_init}+{exact}"):
+        got = CliRunner().invoke(app, [*args[:1], spec, *args[1:]])
+        assert got.exit_code == 0 and got.stdout == want.stdout, got.output
+    card = (exact / "README.md").read_text()
+    assert "library_name: peft" in card and f"base_model: {tiny_init}" in card
+    assert "library_name: transformers" in (exact / "merged" / "README.md").read_text()

@@ -65,9 +65,13 @@ def replies(ckpt: str, cfg: GenerateConfig) -> list[tuple]:
     from mergekit_warp.lm.models import load_model, load_tokenizer, model_context
     from mergekit_warp.lm.prompts import check_lengths, make_prompt, read_prompts
     from mergekit_warp.lm.sampling import sample_replies
+    from mergekit_warp.merge.adapters import apply, as_adapter
 
     if not cfg.prompt and cfg.prompts is None:
         raise WarpError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
+    adapted = as_adapter(ckpt)  # a LoRA adapter (or BASE+ADAPTER): its base, with the adapter added
+    if adapted is not None:
+        ckpt = str(adapted[0].path)
     tok = load_tokenizer(ckpt)
     prompts = [
         make_prompt([{"role": "user", "content": t}], tok, i, f"--prompt {i}", cfg.chat)
@@ -81,6 +85,8 @@ def replies(ckpt: str, cfg: GenerateConfig) -> list[tuple]:
         where = Path(cfg.prompts or "--prompt")
         check_lengths(prompts, tok, context, cfg.max_new_tokens, where, cfg.max_prompt_length, special)
     model = load_model(ckpt, cfg.dtype, cfg.device)
+    if adapted is not None:
+        apply(model, adapted[1])
     out = sample_replies(
         model,
         tok,
@@ -132,7 +138,11 @@ def register(app: typer.Typer) -> None:
         inspect.Parameter(
             "ckpt",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Argument(..., help="The checkpoint: an HF folder, a hub id or smollm2-135m-instruct."),
+            default=typer.Argument(
+                ...,
+                help="The checkpoint: an HF folder, a hub id, smollm2-135m-instruct, a LoRA adapter folder (on the base "
+                "it names) or BASE+ADAPTER.",
+            ),
             annotation=str,
         ),
         *options_from(GenerateConfig),

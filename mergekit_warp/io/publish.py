@@ -223,11 +223,13 @@ def write_provenance(
 def card_lines(record: dict[str, Any]) -> list[str]:
     """The model card (README.md) of an output, from its provenance record."""
     method, params, notes = record["method"], record.get("params", {}), record.get("notes", [])
-    adapter = method.endswith("-lora") and not params.get("densify")  # a peft adapter of its base
+    # a peft adapter of its base: a merge of adapters, or a LoRA RL run's adapter (`adapter_of`)
+    adapter = (method.endswith("-lora") and not params.get("densify")) or bool(params.get("adapter_of"))
+    base = params.get("base_as_given") or params.get("adapter_of")
     return [
         "---",
         "library_name: peft" if adapter else "library_name: transformers",
-        *([f"base_model: {params['base_as_given']}"] if adapter and params.get("base_as_given") else []),
+        *([f"base_model: {base}"] if adapter and base else []),
         "tags: [mergekit-warp, warp, " + method + "]",
         "---",
         f"# {method} — made with mergekit-warp {record.get('version', '')}",

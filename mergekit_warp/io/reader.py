@@ -207,11 +207,15 @@ class CheckpointReader:
         """Elements [start, stop) of tensor `name`, flattened, in its stored dtype (CPU). A held tensor
         is served from memory as a view, which the caller must not modify; `into`: the buffer to read
         into (exactly the bytes of the range), else a new one."""
-        info = self.infos[name]
-        stop = info.numel if stop is None else stop
+        stop = self.infos[name].numel if stop is None else stop
         held = self.held.get(name)
         if held is not None:
             return held[start:stop]
+        return self._read_raw(name, start, stop, into)
+
+    def _read_raw(self, name: str, start: int, stop: int, into: memoryview | None) -> torch.Tensor:
+        """`read` from the file, never from the held copies."""
+        info = self.infos[name]
         item = info.dtype.itemsize
         want = (stop - start) * item
         if want == 0:

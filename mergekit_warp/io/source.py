@@ -23,7 +23,7 @@ PICKLE_HELP = (
 )
 # Files fetched for a hub id: the weights, config/generation/tokenizer json, sentencepiece and BPE files.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 
 
@@ -59,7 +59,7 @@ def resolve_source(spec: str | Path, revision: str | None = None) -> Source:
     path = Path(text).expanduser()
     if path.exists():
         return _local(text, path, None)
-    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+    if HUB_ID.match(text) and not text.startswith((".", "/", "~")):
         snapshot = _download(text, revision)
         if not any(snapshot.glob("*.safetensors")):  # only *.bin on the hub: the patterns skipped them
             raise WarpError(

@@ -22,9 +22,10 @@ from mergekit_warp.dtypes import parse_dtype
 from mergekit_warp.errors import WarpError
 from mergekit_warp.io.adapter import Adapter, is_adapter, read_adapter, write_adapter
 from mergekit_warp.io.atomic import claim
+from mergekit_warp.io.builtin import BUILTIN
 from mergekit_warp.io.publish import PROVENANCE, check_disjoint, check_output_path, publishing, write_provenance
 from mergekit_warp.io.reader import CheckpointReader
-from mergekit_warp.io.source import Source, resolve_source
+from mergekit_warp.io.source import HUB_ID, Source, resolve_source
 from mergekit_warp.io.writer import parse_size
 from mergekit_warp.merge import lora
 from mergekit_warp.merge import math as mmath
@@ -104,7 +105,7 @@ def merge_adapters(
                 _write_dense(reader, merged, tmp, out_dtype, parse_size(max_shard_size), progress)
             else:
                 # the base as a hub id stays one (others load it from the hub), a local one as its path
-                name = str(reader.source.path) if Path(base).exists() else str(base)
+                name = str(Path(reader.source.path).absolute()) if Path(base).exists() else str(base)
                 write_adapter(tmp, merged, name, out_dtype or torch.float32, ads[0].config.get("task_type"))
             write_provenance(
                 tmp, f"{method}-lora", params, {"base": reader.source.path, "adapters": [a.path for a in ads]}, notes
@@ -269,12 +270,11 @@ class AdaptedReader(CheckpointReader):
         super().__init__(source)
         self.adapter = adapter
 
-    def read(self, name: str, start: int = 0, stop: int | None = None, into: memoryview | None = None) -> torch.Tensor:
+    def _read_raw(self, name: str, start: int, stop: int, into: memoryview | None) -> torch.Tensor:
+        t = super()._read_raw(name, start, stop, into)
         f = self.adapter.modules.get(name)
-        if f is None or name in self.held:  # a held tensor was adapted when it was read
-            return super().read(name, start, stop, into)
-        t = super().read(name, start, stop, into)
-        stop = self.infos[name].numel if stop is None else stop
+        if f is None:
+            return t
         cols = f.A.shape[1]
         r0, r1 = start // cols, -(-stop // cols)
         rows = (f.B[r0:r1].float() @ f.A.float()).reshape(-1)[start - r0 * cols : stop - r0 * cols]
@@ -287,21 +287,37 @@ class AdaptedReader(CheckpointReader):
 
 
 def split_spec(spec: str | Path) -> tuple[str, str] | None:
-    """(BASE, ADAPTER) of mergekit's `BASE+ADAPTER` syntax (a peft folder after the last '+'), else None."""
+    """(BASE, ADAPTER) of mergekit's `BASE+ADAPTER` syntax, else None: the first '+' with a peft folder
+    after it and an existing path (or a name that is not a path: a hub id, a builtin model) before it,
+    so paths that hold '+' themselves still split where they should."""
     text = str(spec)
     if "+" not in text or Path(text).exists():
         return None
-    base, _, adapter = text.rpartition("+")
-    return (base, adapter) if base and is_adapter(adapter) else None
+    for i in (j for j, c in enumerate(text) if c == "+"):
+        base, adapter = text[:i], text[i + 1 :]
+        if base and is_adapter(adapter) and (Path(base).exists() or base in BUILTIN or HUB_ID.match(base)):
+            return base, adapter
+    return None
 
 
 def open_reader(spec: str | Path, revision: str | None = None, base: str | Path | None = None) -> CheckpointReader:
     """A reader of the checkpoint `spec`: a full checkpoint; `BASE+ADAPTER` (the adapter applied to that
     base); or an adapter folder, applied to `base` (the merge's --init) or else to the base it records
     (a local folder or hub id in its adapter_config.json)."""
+    adapted = as_adapter(spec, revision, base)
+    if adapted is None:
+        return CheckpointReader(resolve_source(spec, revision))
+    return AdaptedReader(*adapted)
+
+
+def as_adapter(
+    spec: str | Path, revision: str | None = None, base: str | Path | None = None
+) -> tuple[Source, Adapter] | None:
+    """(the base's Source, the Adapter) when `spec` is `BASE+ADAPTER` or an adapter folder (applied to
+    `base`, else to the base it records), checked to fit that base; None for any other checkpoint."""
     pair = split_spec(spec)
     if pair is None and not is_adapter(spec):
-        return CheckpointReader(resolve_source(spec, revision))
+        return None
     base_spec, adapter = pair if pair is not None else (base, spec)
     ad = read_adapter(adapter)
     if base_spec is None:
@@ -315,8 +331,23 @@ def open_reader(spec: str | Path, revision: str | None = None, base: str | Path 
             f"adapter {adapter}: its base {base_spec} cannot be read ({e}); give it as BASE+{adapter}"
         ) from None
     with CheckpointReader(source) as plain:
-        check_base(ad, plain)
-    return AdaptedReader(source, ad)
+        try:
+            check_base(ad, plain)
+        except WarpError as e:
+            if pair is None:
+                raise
+            raise WarpError(
+                f"{spec}: {str(e).split('; pass ')[0]}; give the base it was trained on before the +"
+            ) from None
+    return source, ad
+
+
+@torch.no_grad()
+def apply(model: torch.nn.Module, ad: Adapter) -> None:
+    """Add the adapter's B·A to the loaded model's weights in place (fp32 sum, the weights' dtype)."""
+    for name, f in ad.modules.items():
+        p = model.get_parameter(name)
+        p.copy_((p.float() + f.dense().to(p.device)).to(p.dtype))
 
 
 def reader_paths(reader: CheckpointReader) -> list[Path]:

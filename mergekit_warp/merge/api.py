@@ -22,7 +22,7 @@ from mergekit_warp.io.preflight import preflight
 from mergekit_warp.io.publish import check_disjoint, check_output_path, publishing, write_provenance
 from mergekit_warp.io.writer import parse_size
 from mergekit_warp.merge import config_yaml
-from mergekit_warp.merge.adapters import open_reader, reader_paths
+from mergekit_warp.merge.adapters import AdaptedReader, open_reader, reader_paths
 from mergekit_warp.merge.engine import BUDGET, CHUNK, finish_folder, gram_pass, write_pass
 from mergekit_warp.merge.methods import REGISTRY
 from mergekit_warp.merge.methods.base import REQUIRED, Context, Settings, validate
@@ -89,6 +89,9 @@ def merge(
         roles: dict[str, Any] = {m.roles[1]: paths[n_base:]}
         if base is not None:
             roles = {m.roles[0]: paths[0], **roles}
+        applied = [r for r in readers if isinstance(r, AdaptedReader)]
+        if applied:  # the bases the adapters among the inputs were applied to
+            roles["adapter_bases"] = [r.source.path for r in applied]
         params_record = {
             **{p.name: p.default for p in m.params if not p.per_model and p.default is not REQUIRED},
             **top,
@@ -123,7 +126,11 @@ def merge(
             if m.mergekit and not (method == "slerp" and base is not None):  # WARP's slerp is not mergekit's
                 stored = {i.dtype for i in readers[0].infos.values() if i.is_float}
                 out_name = short_name(dtype) if dtype else (short_of(stored.pop()) if len(stored) == 1 else None)
-                given = [str(x) for x in models]
+                # an adapter as mergekit reads it: BASE+ADAPTER, with the base it was applied to
+                given = [
+                    f"{r.source.path}+{r.adapter.path}" if isinstance(r, AdaptedReader) else str(x)
+                    for x, r in zip(models, readers[n_base:])
+                ]
                 config_yaml.write(
                     tmp,
                     m.mergekit,

@@ -117,12 +117,6 @@ def read(path: Path) -> Plan:
         )
     entries = _entries(cfg, path)
     base = _spec(cfg.base_model, path) if cfg.base_model else None
-    for e in entries:
-        if "+" in e.model and not Path(e.model).exists():
-            raise WarpError(
-                f"config {path}: model {e.model!r}: MODEL+LORA is not supported yet; merge the adapter "
-                "into its base first"
-            )
     models = [_spec(e.model, path) for e in entries]
     params = [dict(e.parameters or {}) for e in entries]
     m = REGISTRY[cfg.merge_method]
@@ -169,9 +163,19 @@ def _entries(cfg: MergekitConfig, path: Path) -> list[ModelEntry]:
 
 
 def _spec(model: str, path: Path) -> str:
-    """A model spec: a path relative to the config's folder when it exists there, else as written."""
+    """A model spec: a path relative to the config's folder when it exists there, else as written;
+    `BASE+ADAPTER` (a LoRA adapter applied to its base) side by side."""
     p = Path(model).expanduser()
-    return str(path.parent / p) if not p.is_absolute() and (path.parent / p).exists() else model
+    if not p.is_absolute() and (path.parent / p).exists():
+        return str(path.parent / p)
+    if "+" in model and not p.exists():
+        from mergekit_warp.merge.adapters import split_spec
+
+        for i in (j for j, c in enumerate(model) if c == "+"):  # the split whose sides exist beside the config
+            pair = split_spec(f"{_spec(model[:i], path)}+{_spec(model[i + 1 :], path)}")
+            if pair is not None:
+                return "+".join(pair)
+    return model
 
 
 def write(
@@ -189,6 +193,11 @@ def write(
     given parameters mergekit does not know (a comment says mergekit would ignore them)."""
 
     def spec(s: str) -> str:
+        from mergekit_warp.merge.adapters import split_spec
+
+        pair = split_spec(s)
+        if pair is not None:
+            return "+".join(spec(x) for x in pair)
         return str(Path(s).resolve()) if Path(s).exists() else s
 
     doc: dict[str, Any] = {"merge_method": method}

@@ -104,7 +104,7 @@ def _run(cfg: PipelineConfig, config_path: Path, run_dir: Path, sft: Path, resum
                 out,
                 log,
                 lambda o, force, merged=merged, target=target, init=init, eta=eta: _liti(
-                    merged, target, init, sft, o, eta, force
+                    merged, target, init, sft, o, eta, force, log
                 ),
             )
             if cfg.eval.enabled:
@@ -214,6 +214,7 @@ def preflight(config_path: Path, cfg: PipelineConfig) -> Path:
     from mergekit_warp.lm.models import load_tokenizer, model_context, model_folder
     from mergekit_warp.lm.prompts import check_lengths, read_prompts
     from mergekit_warp.lm.rewards import check_reward
+    from mergekit_warp.rl.lora import check_targets
 
     def where(e: WarpError) -> WarpError:
         return WarpError(f"config {config_path}: {e}")
@@ -223,6 +224,9 @@ def preflight(config_path: Path, cfg: PipelineConfig) -> Path:
         for rc in runs:  # tracker libraries too (the runs' trackers include the pipeline's)
             trackers.check(rc.report_to)
         sft = model_folder(cfg.init, "init")
+        for rc in runs:
+            if rc.lora:
+                check_targets(sft, rc.lora_targets, str(cfg.init))
         tok = load_tokenizer(sft)
         context = model_context(sft)
         check_reward(cfg.reward)
@@ -513,7 +517,7 @@ def _slerp(cfg: PipelineConfig, runs: list[Path], init: Path, out: Path, force: 
     return api.slerp(runs, init, out, lam=lam, granularity=cfg.slerp.granularity, force=force, progress=False)
 
 
-def _liti(merged: Path, target: Path, init: Path, sft: Path, out: Path, eta: float, force: bool) -> Path:
+def _liti(merged: Path, target: Path, init: Path, sft: Path, out: Path, eta: float, force: bool, log: Log) -> Path:
     """LITI of the iteration's merge toward `target`. On LoRA adapters (`merged` an adapter of `init`)
     the result is a full model, the next RL runs' base (see `_stack` for final/adapter/)."""
     from mergekit_warp.merge import api
@@ -524,19 +528,21 @@ def _liti(merged: Path, target: Path, init: Path, sft: Path, out: Path, eta: flo
         api.liti(merged, init, out, eta=eta, densify=True, force=force, progress=False)
     else:  # toward θ_sft: (1 − η)·θ_sft + η·(θ_init + δ), the adapter applied to its base on the fly
         api.liti(f"{init}+{merged}", target, out, eta=eta, force=force, progress=False)
-    _stack(merged, init, sft, out, eta, toward_sft=target != init)
+    skipped = _stack(merged, init, sft, out, eta, toward_sft=target != init)
+    if skipped:
+        log(f"{out.name}: no {STACK}/ ({skipped}); the full model holds the policy")
     return out
 
 
 STACK = "adapter"
 
 
-def _stack(merged: Path, init: Path, sft: Path, out: Path, eta: float, toward_sft: bool) -> None:
+def _stack(merged: Path, init: Path, sft: Path, out: Path, eta: float, toward_sft: bool) -> str | None:
     """OUT/adapter/: θ_out − θ_sft as one LoRA adapter of θ_sft, exact up to the rounding of the inits
     to the model's dtype. LITI is linear, so with δ_i the merged adapter of iteration i and S_{i−1} the
     previous stack: S_i = S_{i−1} + η·δ_i toward the init, η·(S_{i−1} + δ_i) toward θ_sft. Its rank
     grows by Σ r_m per iteration; it is written only while its factors are smaller than the layers
-    they change (beyond that the full model is the smaller form)."""
+    they change (beyond that the full model is the smaller form). Returns why it was not written, if not."""
     from mergekit_warp.io.adapter import read_adapter, write_adapter
     from mergekit_warp.io.atomic import staged
     from mergekit_warp.io.publish import write_provenance
@@ -548,7 +554,7 @@ def _stack(merged: Path, init: Path, sft: Path, out: Path, eta: float, toward_sf
     delta = read_adapter(merged).modules
     prev = read_adapter(init / STACK).modules if (init / STACK).is_dir() else {}
     if init != sft and not prev:
-        return  # the init's own stack was too large to write: so is this one
+        return f"the stack of {init.name} was not written"
     a, b = (eta, eta) if toward_sft else (1.0, eta)
     stack = {
         n: lora.combine(
@@ -557,8 +563,9 @@ def _stack(merged: Path, init: Path, sft: Path, out: Path, eta: float, toward_sf
         )
         for n in sorted({*prev, *delta})
     }
-    if any(f.rank * sum(f.shape) >= f.shape[0] * f.shape[1] for f in stack.values()):
-        return
+    big = [n for n, f in stack.items() if f.rank * sum(f.shape) >= f.shape[0] * f.shape[1]]
+    if big:
+        return f"its rank {stack[big[0]].rank} would make {big[0]}'s factors larger than the layer"
     with CheckpointReader(resolve_source(sft)) as reader:
         sample = base_sample(reader, sorted(stack))
     with staged(out / STACK, replace=True) as tmp:
@@ -570,6 +577,7 @@ def _stack(merged: Path, init: Path, sft: Path, out: Path, eta: float, toward_sf
             {"base": sft, "merged": merged},
             [f"the policy as a LoRA adapter of {sft}: rank {max(f.rank for f in stack.values())}"],
         )
+    return None
 
 
 def _train(rl_cfg, group: tuple[str, ...] = ("cpu",)) -> Path:

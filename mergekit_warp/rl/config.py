@@ -234,6 +234,10 @@ class RLConfig(BaseModel):
         given = [flag(o) for o in lora_options if getattr(self, o) not in (None, False)]
         need(self.lora_r is not None or not given, f"{', '.join(given)} needs --lora-r (the adapter's rank)")
         need(
+            self.lora_r is None or self.parallel != "fsdp",
+            "--lora-r does not run under --parallel fsdp yet; use --parallel ddp (the default)",
+        )
+        need(
             self.lora_anchor is None or self.anchor == "ema",
             "--lora-anchor is the EMA anchor's form: it needs --anchor ema",
         )

@@ -70,6 +70,18 @@ def target_names(model: nn.Module, targets: list[str], where: str) -> list[str]:
     return names
 
 
+def check_targets(folder, targets: list[str] | None, where: str) -> None:
+    """`target_names` on the model of HF folder `folder` built on the meta device (no weight is read):
+    targets that match nothing fail before any work."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mergekit_warp.lm.models import quiet_transformers
+
+    with quiet_transformers(), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    target_names(model, targets or [ALL_LINEAR], where)
+
+
 class Lora(nn.Module):
     """The adapter of a policy and its anchor (see the module docstring)."""
 

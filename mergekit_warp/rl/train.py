@@ -326,8 +326,6 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
     want_init = cfg.anchor == "init" or cfg.kl_to_init or bool(eval_prompts)
     lora = None
     if cfg.lora:  # one model: the base (frozen, any dtype) with the adapter; init and anchor are views of it
-        if par.fsdp:
-            raise WarpError("--lora-r does not run under --parallel fsdp yet; use --parallel ddp (the default)")
         policy = load_model(src, dtype, where).requires_grad_(False)
         names = target_names(policy, cfg.lora_targets or [ALL_LINEAR], str(cfg.model))
         kind = (cfg.lora_anchor or "factors") if cfg.anchor == "ema" else None
@@ -379,12 +377,17 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
         base_sample=_base_sample(src, lora.names) if lora is not None else None,
     )
     if resuming:
+        if lora is not None and st.read_config(work).get("base_sample", run.base_sample) != run.base_sample:
+            raise WarpError(
+                f"--resume: the base {cfg.model} has other weights than when the interrupted run in {work} "
+                "started (its adapter means nothing on another base); restore it, or pass --force to start over"
+            )
         run.step = st.load_state(work, weights.named(), run.ema_state(), opt)
         weights.push()
         if par.is_main:
             st.trim_after(work, run.step)
-    elif par.is_main:
-        st.start_work(work, cfg.as_dict())
+    elif par.is_main:  # (a LoRA run also records a sample of its base: a resume checks it is the same)
+        st.start_work(work, {**cfg.as_dict(), **({"base_sample": run.base_sample} if lora is not None else {})})
     return run
 
 
@@ -624,9 +627,29 @@ def _base_name(run: Run) -> str:
 
 
 def _record(run: Run) -> dict:
-    """The parameters recorded in every output's provenance (and a tracker run's config)."""
-    extra = {"base_sample": run.base_sample} if run.base_sample is not None else {}
-    return {**_options(run.cfg, run.par), **extra}
+    """The parameters recorded in every output's provenance (and a tracker run's config); with --lora-r
+    the base's name (`adapter_of`: the card of an adapter folder names it) and a sample of its weights."""
+    if run.lora is None:
+        return _options(run.cfg, run.par)
+    return {**_options(run.cfg, run.par), "adapter_of": _base_name(run), "base_sample": run.base_sample}
+
+
+def _full(record: dict) -> dict:
+    """The record of a full-model output of a LoRA run (merged/, the exact anchor): not an adapter."""
+    return {k: v for k, v in record.items() if k != "adapter_of"}
+
+
+def _anchor_note(run: Run) -> str:
+    cfg = run.cfg
+    if cfg.anchor == "init":
+        return "init (frozen: the init itself, so nothing is saved in anchor/)"
+    if not cfg.save_anchor:
+        return "ema (fp32 while training; not saved: --no-save-anchor)"
+    if run.lora is None:
+        return f"ema (fp32 while training; saved in {cfg.dtype} in anchor/)"
+    if run.lora.anchor == "factors":
+        return "ema of the LoRA factors (saved as an fp32 adapter in anchor/)"
+    return f"exact ema of the LoRA deltas (fp32 while training; saved in {cfg.dtype} as a full model in anchor/)"
 
 
 def _options(cfg: RLConfig, par: Parallel) -> dict:
@@ -664,12 +687,13 @@ def publish(run: Run, out: Path, stopped: str) -> Path:
             else:  # the exact EMA of the deltas has full rank: the base with it added, a full model
                 sd = st.cast(merged_state(run.policy, run.lora.deltas(anchor=True)), dtype)
                 st.write_hf(run.policy, run.src, tmp / "anchor", sd, dtype=dtype)
-            write_provenance(tmp / "anchor", f"{METHOD}-anchor", record, {"init": run.src})
+            full = run.lora is not None and run.lora.anchor == "exact"
+            write_provenance(tmp / "anchor", f"{METHOD}-anchor", _full(record) if full else record, {"init": run.src})
         if cfg.merge_adapter:
             (tmp / "merged").mkdir()
             sd = st.cast(merged_state(run.policy, run.lora.deltas()), dtype)
             st.write_hf(run.policy, run.src, tmp / "merged", sd, dtype=dtype)
-            write_provenance(tmp / "merged", f"{METHOD}-merged", record, {"init": run.src})
+            write_provenance(tmp / "merged", f"{METHOD}-merged", _full(record), {"init": run.src})
         st.link_tree(work / "checkpoints", tmp / "checkpoints")
         shutil.copy2(work / "metrics.jsonl", tmp / "metrics.jsonl")
         inputs: dict[str, Any] = {"init": run.src, "prompts": cfg.prompts}
@@ -679,9 +703,7 @@ def publish(run: Run, out: Path, stopped: str) -> Path:
             f"stopped by {stopped}; {run.step} optimiser steps",
             f"log-probs (loss and KL) use the sampling temperature {cfg.temperature} over the full vocabulary "
             f"(top-p {cfg.top_p} and top-k {cfg.top_k or 'off'} only restrict the draws)",
-            f"anchor: {cfg.anchor} (fp32 while training; "
-            + (f"saved in {cfg.dtype} in anchor/)" if cfg.save_anchor else "not saved: --no-save-anchor)")
-            + f", baseline: {cfg.baseline}, seed: {cfg.seed}",
+            f"anchor: {_anchor_note(run)}, baseline: {cfg.baseline}, seed: {cfg.seed}",
         ]
         if run.lora is not None:
             notes.append(
