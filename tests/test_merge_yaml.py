@@ -147,7 +147,10 @@ def test_unsupported_or_bad_config_is_one_line(case, tiny_runs, tmp_path):
         ),
         "union tokenizer": ({**doc, "tokenizer_source": "union"}, ["tokenizer_source", "union"]),
         "modules": ({**doc, "modules": {}}, ["multi-module"]),
-        "lora": ({**doc, "models": [{"model": a + "+some/adapter"}, {"model": b}]}, ["LORA", "not supported"]),
+        "lora": (
+            {**doc, "models": [{"model": a + "+some/adapter"}, {"model": b}]},
+            ["BASE+ADAPTER", "check the paths"],
+        ),
         "no models": ({k: v for k, v in doc.items() if k != "models"}, ["models"]),
         "bad t": ({**doc, "parameters": {"t": 1.5}}, ["--t", "[0, 1]"]),
         "unknown parameter": ({**doc, "parameters": {"t": 0.5, "tt": 1}}, ["unknown parameter tt"]),

@@ -305,9 +305,14 @@ def open_reader(spec: str | Path, revision: str | None = None, base: str | Path 
     base); or an adapter folder, applied to `base` (the merge's --init) or else to the base it records
     (a local folder or hub id in its adapter_config.json)."""
     adapted = as_adapter(spec, revision, base)
-    if adapted is None:
-        return CheckpointReader(resolve_source(spec, revision))
-    return AdaptedReader(*adapted)
+    if adapted is not None:
+        return AdaptedReader(*adapted)
+    if "+" in str(spec) and not Path(spec).exists():
+        raise WarpError(
+            f"{spec}: no such checkpoint, and not BASE+ADAPTER (no peft adapter folder, with adapter_config.json, "
+            "after a '+'); check the paths"
+        )
+    return CheckpointReader(resolve_source(spec, revision))
 
 
 def as_adapter(

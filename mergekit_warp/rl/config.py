@@ -176,8 +176,10 @@ class RLConfig(BaseModel):
     lora_anchor: Optional[Literal["factors", "exact"]] = Field(
         None,
         description="The EMA anchor of a LoRA run: 'factors' (default: EMAs of A and B, adapter-sized; the EMA of "
-        "the factors is not the EMA of their product, see the README for how far it drifts) or 'exact' (an fp32 "
-        "EMA of the dense deltas s·B·A: one fp32 copy of the targeted layers).",
+        "the factors is not the EMA of their product: measured on SmolLM2-135M, r 16, μ 0.01, 80 steps, its delta "
+        "was 13% off the exact one and KL(exact‖factors) 0.008 nats per completion, against 0.43 from the anchor "
+        "to the policy; see the README) or 'exact' (an fp32 EMA of the dense deltas s·B·A: one fp32 copy of the "
+        "targeted layers).",
     )
     merge_adapter: bool = Field(
         False, description="With --lora-r: also write the policy merged into its base as a full model in OUT/merged/."
