@@ -3,6 +3,7 @@
     python benchmarks/rl_bench.py                       # SmolLM2-135M-Instruct, 4 prompts × 2 samples × 24 tokens
     python benchmarks/rl_bench.py --model /path/to/hf --batch-size 8 --steps 6 --no-trl
     python benchmarks/rl_bench.py --lora --no-trl           # full fine-tuning vs LoRA r=16 (both anchors)
+    python benchmarks/rl_bench.py --vllm --max-new-tokens 256  # warp's sampler vs --rollout vllm (and TRL)
 
 Each system runs in its own subprocess (a clean peak RSS each). The job is identical: same model, prompts
 (chat template applied), VADER sentiment reward, batch of B prompts × k samples, max 24 new tokens,
@@ -64,6 +65,7 @@ def peak_rss_mb() -> float:
 LORA_R = 16
 WORKERS = {"warp": ("warp rl", {}), "warp-lora-factors": ("warp rl LoRA factors", {"lora_anchor": "factors"})}
 WORKERS["warp-lora-exact"] = ("warp rl LoRA exact", {"lora_anchor": "exact"})
+WORKERS["warp-vllm"] = ("warp rl --rollout vllm", {"rollout": "vllm"})
 
 
 def run_warp(a: argparse.Namespace) -> dict:
@@ -74,7 +76,7 @@ def run_warp(a: argparse.Namespace) -> dict:
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     name, lora = WORKERS[a.worker]
-    if lora:
+    if lora and "rollout" not in lora:
         lora = {**lora, "lora_r": LORA_R}
     cfg = RLConfig(
         model=a.model,
@@ -87,7 +89,7 @@ def run_warp(a: argparse.Namespace) -> dict:
         batch_size=a.batch_size,
         samples_per_prompt=a.k,
         baseline="rloo",
-        lr=1e-4 if lora else 1e-6,
+        lr=1e-4 if "lora_r" in lora else 1e-6,
         warmup=0,
         steps=a.steps,
         max_new_tokens=a.max_new_tokens,
@@ -196,6 +198,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads for both (0: torch's default)")
     p.add_argument("--no-trl", action="store_true")
     p.add_argument("--lora", action="store_true", help=f"also LoRA r={LORA_R} with each anchor, and a 7B projection")
+    p.add_argument("--vllm", action="store_true", help="also warp rl --rollout vllm (needs vLLM installed)")
     p.add_argument("--worker", choices=[*WORKERS, "trl"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -207,7 +210,11 @@ def main() -> None:
         return
 
     a.model = a.model or default_model()
-    systems = ["warp", *(["warp-lora-factors", "warp-lora-exact"] if a.lora else [])]
+    systems = [
+        "warp",
+        *(["warp-lora-factors", "warp-lora-exact"] if a.lora else []),
+        *(["warp-vllm"] if a.vllm else []),
+    ]
     try:
         import trl  # noqa: F401
 
@@ -248,11 +255,17 @@ def main() -> None:
         f"model {a.model}; {a.batch_size} prompts × {a.k} samples = {n} completions × ≤{a.max_new_tokens} new "
         f"tokens; {a.steps} steps (first untimed); grad checkpointing {'on' if a.grad_checkpointing else 'off'}"
     )
-    print(f"{'system':<22} {'s/step':>8} {'CPU s/step':>10} {'samples/s':>10} {'tokens/s':>9} {'peak RSS':>10}")
+    print(
+        f"{'system':<22} {'s/step':>8} {'CPU s/step':>10} {'samples/s':>10} {'tokens/s':>9} {'sampling s':>10} "
+        f"{'sampling tok/s':>14} {'peak RSS':>10}"
+    )
     for r in results:
+        gen = r.get("gen_s_per_step")
         print(
             f"{r['system']:<22} {r['s_per_step']:>8.2f} {r['cpu_s_per_step']:>10.2f} {n / r['s_per_step']:>10.2f} "
-            f"{r['tokens_per_step'] / r['s_per_step']:>9.1f} {r['peak_rss_mb'] / 1024:>8.2f} GB"
+            f"{r['tokens_per_step'] / r['s_per_step']:>9.1f} "
+            + (f"{gen:>10.2f} {r['tokens_per_step'] / gen:>14.1f}" if gen else f"{'':>10} {'':>14}")
+            + f" {r['peak_rss_mb'] / 1024:>8.2f} GB"
         )
     base = results[0] if results and results[0]["system"] == "warp rl" else None
     for r in results[1:] if base else []:

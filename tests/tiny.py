@@ -90,16 +90,19 @@ def make_tokenizer(chat_template: bool = False, pad: bool = True):
     return fast
 
 
-def tiny_config(vocab_size: int, tie: bool = False, layers: int = 2):
+def tiny_config(vocab_size: int, tie: bool = False, layers: int = 2, head_dim: int = 8):
+    """Width 32 with 4 heads of 8 by default; `head_dim` 32 gives width 64, 2 heads (vLLM's CPU attention
+    takes head sizes of 32 and more)."""
     from transformers import LlamaConfig
 
+    heads = 4 if head_dim == 8 else 2
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
+        hidden_size=heads * head_dim,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        intermediate_size=2 * heads * head_dim,
         max_position_embeddings=128,
         tie_word_embeddings=tie,
         bos_token_id=2,
@@ -117,13 +120,14 @@ def make_tiny_llama(
     layers: int = 2,
     max_shard_size: str | None = None,
     chat_template: bool = False,
+    head_dim: int = 8,
 ) -> Path:
     """Write a random tiny Llama HF folder (safetensors, config, tokenizer) to `out` and return it."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     tok = make_tokenizer(chat_template=chat_template)
-    model = LlamaForCausalLM(tiny_config(len(tok), tie=tie, layers=layers)).to(dtype)
+    model = LlamaForCausalLM(tiny_config(len(tok), tie=tie, layers=layers, head_dim=head_dim)).to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     tok.save_pretrained(out)

