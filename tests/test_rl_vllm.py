@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from test_rl_train import TOY, WORDS, one_thread  # noqa: F401  (fixture)
+from test_rl_train import cfg as rl_cfg
 from tiny import load_state, make_tiny_llama
 from typer.testing import CliRunner
 
@@ -33,23 +34,8 @@ def files(tmp_path_factory):
 
 
 def cfg(files, out, **kw) -> RLConfig:
-    base = dict(
-        model=str(files / "m"),
-        prompts=files / "p.jsonl",
-        reward=f"{files / 'toy.py'}:good",
-        out=out,
-        steps=3,
-        batch_size=4,
-        samples_per_prompt=4,
-        lr=1e-2,
-        warmup=0,
-        max_new_tokens=8,
-        temperature=1.0,
-        progress=False,
-        state_every=0,
-        rollout="vllm",
-    )
-    return RLConfig(**{**base, **kw})
+    """test_rl_train's toy run, on the width-64 model, sampled by vLLM."""
+    return rl_cfg(files / "m", files, out, **{"steps": 3, "rollout": "vllm", **kw})
 
 
 def test_without_vllm_one_line_and_nothing_written(files, tmp_path):
@@ -78,39 +64,50 @@ def test_engine_greedy_equals_the_builtin_sampler_before_and_after_a_push(files,
         files / "m", dtype=torch.float32, device="cpu", seed=0, max_len=128, gpu_memory_utilization=0.3, sleep=False
     )
     other = make_tiny_llama(tmp_path / "other", seed=7, head_dim=32)
+    same = dict(max_new_tokens=8, top_p=1.0, max_prompt_length=None, device="cpu")
     for folder, push in ((files / "m", False), (other, True)):
         model = load_model(folder)
         if push:
             secs = engine.push(dict(model.state_dict()))
             assert secs >= 0
         want = generate(model, tok, prompts, max_new_tokens=8, temperature=1.0, top_k=1, generator_seed=0)
-        got = engine.sample(
-            tok,
-            prompts,
-            seeds=[0] * 4,
-            max_new_tokens=8,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=1,
-            max_prompt_length=None,
-            device="cpu",
-        )
+        got = engine.sample(tok, prompts, seeds=[0] * 4, temperature=1.0, top_k=1, **same)
         assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.completion_mask, want.completion_mask)
         assert got.completions == want.completions
         # sampled (no top-k): vLLM's log-probs of its own draws are the model's at the temperature
-        drawn = engine.sample(
-            tok,
-            prompts,
-            seeds=[1, 2, 3, 4],
-            max_new_tokens=8,
-            temperature=0.9,
-            top_p=1.0,
-            top_k=0,
-            max_prompt_length=None,
-            device="cpu",
-        )
+        drawn = engine.sample(tok, prompts, seeds=[1, 2, 3, 4], temperature=0.9, top_k=0, **same)
         lp = sequence_logprobs(model, drawn.input_ids, drawn.attention_mask, drawn.completion_mask, 0.9)
         torch.testing.assert_close(drawn.logprobs, lp, rtol=0, atol=1e-3)
+
+
+@pytest.mark.vllm
+def test_a_push_does_not_leave_stale_prefix_cache(tmp_path):
+    """Prompts longer than a KV block (128 tokens on CPU) are prefix-cached: after a push they must be
+    recomputed with the new weights, not served from the cache of the old ones."""
+    need_vllm()
+    from mergekit_warp.lm.models import load_model, load_tokenizer
+    from mergekit_warp.lm.sampling import sequence_logprobs
+    from mergekit_warp.lm.vllm_engine import Engine
+
+    folders = []
+    for name, seed in (("a", 0), ("b", 7)):
+        folder = make_tiny_llama(tmp_path / name, seed=seed, head_dim=32)
+        conf = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**conf, "max_position_embeddings": 1024}))
+        folders.append(folder)
+    tok = load_tokenizer(folders[0])
+    long = " ".join(WORDS * 16)  # ~290 tokens
+    engine = Engine(
+        folders[0], dtype=torch.float32, device="cpu", seed=0, max_len=512, gpu_memory_utilization=0.3, sleep=False
+    )
+    same = dict(seeds=[1, 2], max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, max_prompt_length=None)
+    engine.sample(tok, [long, long], device="cpu", **same)  # fills the prefix cache with the first weights
+    model = load_model(folders[1])
+    engine.push(dict(model.state_dict()))
+    r = engine.sample(tok, [long, long], device="cpu", **same)
+    lp = sequence_logprobs(model, r.input_ids, r.attention_mask, r.completion_mask, 1.0)
+    assert float(((r.logprobs - lp.detach()).abs() / r.lengths).max()) < 1e-4
+    engine.close()
 
 
 @pytest.mark.vllm

@@ -44,13 +44,17 @@ class Engine:
         gpu_memory_utilization: float,
         sleep: bool,
     ):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        # the engine in this process: weights are pushed as tensors, which only works in-process
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB of KV cache on CPU (vLLM's default is 4)
         try:
             from vllm import LLM
         except ImportError:
             raise WarpError(f"--rollout vllm needs vLLM, which is not installed: {INSTALL}") from None
-        self.cuda = torch.device(device).type == "cuda"
+        dev = torch.device(device)
+        self.cuda = dev.type == "cuda"
+        if self.cuda and (dev.index or 0) != 0:
+            raise WarpError(f"--rollout vllm runs its engine on cuda:0 for now; use --device cuda:0 (not {device})")
         self.sleeping, self.sleep_mode = False, sleep and self.cuda
         kwargs = dict(
             model=str(folder),
@@ -114,7 +118,15 @@ class Engine:
         t0 = time.time()
         self.wake()
         weights = [(k, v.detach()) for k, v in named.items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        except Exception as e:
+            raise WarpError(
+                f"vLLM could not take the policy's weights ({_first_line(e)}); models whose in-memory tensor names "
+                "differ from their checkpoint's (mixture-of-experts in transformers 5) need --rollout builtin"
+            ) from None
+        # the prefix cache holds keys/values computed with the old weights: a long prompt would reuse them
+        self.llm.reset_prefix_cache()
         return time.time() - t0
 
     def sleep(self) -> None:

@@ -197,7 +197,7 @@ class RLConfig(BaseModel):
     vllm_sleep: bool = Field(
         False,
         description="With --rollout vllm on a GPU: put vLLM to sleep (weights and KV cache released) during the "
-        "loss and optimiser step, woken before the next rollout. No effect on CPU.",
+        "loss and optimiser step, woken before the weights are pushed into it. No effect on CPU.",
     )
     vllm_gap_warning: float = Field(
         0.05,

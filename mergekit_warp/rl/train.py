@@ -49,7 +49,7 @@ from mergekit_warp.lm import heldout
 from mergekit_warp.lm.models import load_model, load_tokenizer, model_context, model_folder
 from mergekit_warp.lm.prompts import Prompt, check_lengths, read_prompts
 from mergekit_warp.lm.rewards import RewardFn, describe_reward, load_reward, reward_inputs
-from mergekit_warp.lm.sampling import Rollout, generate, sequence_logprobs
+from mergekit_warp.lm.sampling import Rollout, add_special_tokens, generate, sequence_logprobs
 from mergekit_warp.progress import Steps, duration
 from mergekit_warp.rl import state as st
 from mergekit_warp.rl.config import ADDED_OPTIONS, RESUMABLE_CHANGES, RLConfig
@@ -416,12 +416,15 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
             raise WarpError("--rollout vllm runs in one process for now; drop --nproc (or use --rollout builtin)")
         from mergekit_warp.lm.vllm_engine import Engine
 
+        # vLLM reserves a KV cache for its longest request: this run's longest prompt and completion
+        longest = max(len(tok(p.text, add_special_tokens=add_special_tokens(tok))["input_ids"]) for p in prompts)
+        longest = min(longest, cfg.max_prompt_length or longest) + cfg.max_new_tokens
         run.engine = Engine(
             src,
             dtype=dtype,
             device=par.device(cfg.device),
             seed=cfg.seed,
-            max_len=context or 4096,
+            max_len=min(longest, context) if context else longest,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             sleep=cfg.vllm_sleep,
         )
