@@ -24,21 +24,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from rl_bench import PROMPTS as RL_BENCH_PROMPTS  # (benchmarks/ is on sys.path when run as a script)
 
-PROMPTS = [
-    "Describe your morning.",
-    "What do you think of rainy days?",
-    "Tell me about your neighbour's dog.",
-    "How was the film last night?",
-    "Write one sentence about Mondays.",
-    "What is it like to wait in a queue?",
-    "Describe the food at the airport.",
-    "How do you feel about homework?",
-    "Tell me about a broken umbrella.",
-    "What happened at the meeting?",
-    "Describe a traffic jam.",
-    "How was your holiday?",
-]
+PROMPTS = RL_BENCH_PROMPTS[:12]  # the training prompts of rl_bench.py (its last four are held out here)
 HELDOUT = ["Tell me about your commute.", "Describe an old bicycle.", "What do you think about winter?"]
 TOY = "def reward(prompts, completions):\n    return [c.split().count('good') / max(len(c.split()), 1) for c in completions]\n"
 

@@ -151,6 +151,12 @@ def base_sample(reader: CheckpointReader, names: list[str]) -> dict[str, list[fl
     return {n: reader.read(n, 0, min(SAMPLE, reader.infos[n].numel)).float().tolist() for n in picks}
 
 
+def sample_of(spec: str | Path, names: list[str]) -> dict[str, list[float]]:
+    """`base_sample` of the checkpoint `spec` (what a warp-made adapter records of its base)."""
+    with CheckpointReader(resolve_source(spec)) as reader:
+        return base_sample(reader, names)
+
+
 def recorded_base(ad: Adapter) -> tuple[dict[str, list[float]] | None, str]:
     """A sample of the base an adapter belongs to (`base_sample`) and where it comes from: what a
     warp-made adapter records, else the local folder (an absolute path) its adapter_config.json names;

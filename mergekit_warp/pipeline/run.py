@@ -546,10 +546,8 @@ def _stack(merged: Path, init: Path, sft: Path, out: Path, eta: float, toward_sf
     from mergekit_warp.io.adapter import read_adapter, write_adapter
     from mergekit_warp.io.atomic import staged
     from mergekit_warp.io.publish import write_provenance
-    from mergekit_warp.io.reader import CheckpointReader
-    from mergekit_warp.io.source import resolve_source
     from mergekit_warp.merge import lora
-    from mergekit_warp.merge.adapters import base_sample
+    from mergekit_warp.merge.adapters import sample_of
 
     delta = read_adapter(merged).modules
     prev = read_adapter(init / STACK).modules if (init / STACK).is_dir() else {}
@@ -566,8 +564,7 @@ def _stack(merged: Path, init: Path, sft: Path, out: Path, eta: float, toward_sf
     big = [n for n, f in stack.items() if f.rank * sum(f.shape) >= f.shape[0] * f.shape[1]]
     if big:
         return f"its rank {stack[big[0]].rank} would make {big[0]}'s factors larger than the layer"
-    with CheckpointReader(resolve_source(sft)) as reader:
-        sample = base_sample(reader, sorted(stack))
+    sample = sample_of(sft, sorted(stack))
     with staged(out / STACK, replace=True) as tmp:
         write_adapter(tmp, stack, str(sft))
         write_provenance(

@@ -50,6 +50,7 @@ from mergekit_warp.lm.models import load_model, load_tokenizer, model_context, m
 from mergekit_warp.lm.prompts import Prompt, check_lengths, read_prompts
 from mergekit_warp.lm.rewards import RewardFn, describe_reward, load_reward, reward_inputs
 from mergekit_warp.lm.sampling import Rollout, add_special_tokens, generate, sequence_logprobs
+from mergekit_warp.merge.adapters import sample_of
 from mergekit_warp.progress import Steps, duration
 from mergekit_warp.rl import state as st
 from mergekit_warp.rl.config import ADDED_OPTIONS, RESUMABLE_CHANGES, RLConfig
@@ -409,7 +410,7 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
         opt,
         work,
         lora=lora,
-        base_sample=_base_sample(src, lora.names) if lora is not None else None,
+        base_sample=sample_of(src, [f"{n}.weight" for n in lora.names]) if lora is not None else None,
     )
     if cfg.rollout == "vllm":
         if par.world_size > 1:
@@ -443,15 +444,6 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
     elif par.is_main:  # (a LoRA run also records a sample of its base: a resume checks it is the same)
         st.start_work(work, {**cfg.as_dict(), **({"base_sample": run.base_sample} if lora is not None else {})})
     return run
-
-
-def _base_sample(src: Path, names: list[str]) -> dict:
-    from mergekit_warp.io.reader import CheckpointReader
-    from mergekit_warp.io.source import resolve_source
-    from mergekit_warp.merge.adapters import base_sample
-
-    with CheckpointReader(resolve_source(str(src))) as reader:
-        return base_sample(reader, [f"{n}.weight" for n in names])
 
 
 def _inputs(cfg: RLConfig) -> list[Path]:
