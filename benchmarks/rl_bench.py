@@ -155,6 +155,7 @@ def run_trl(a: argparse.Namespace) -> dict:
         beta=0.1,
         learning_rate=1e-6,
         warmup_steps=0,
+        lr_scheduler_type="constant",  # warp's (TRL's default decays the learning rate linearly to 0)
         sync_ref_model=True,
         ref_model_sync_steps=1,
         ref_model_mixup_alpha=0.01,

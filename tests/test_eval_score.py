@@ -95,6 +95,36 @@ def test_out_is_a_folder_with_the_settings(tmp_path, reference_run):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_etas_score_liti_in_memory_as_warp_liti_writes_it(tmp_path, reference_run):
+    """`--etas`: the same scores as LITI folders written by `warp liti` and scored as checkpoints (bit for
+    bit: the same fp32 interpolation, the same samples' seeds); η = 0 is θ_sft itself (KL exactly 0)."""
+    sft, final = _sft(reference_run), reference_run / "final"
+    for eta in ("0", "0.5", "1.3"):
+        r = runner.invoke(app, ["liti", str(final), "--init", sft, "--eta", eta, "-o", str(tmp_path / f"eta{eta}")])
+        assert r.exit_code == 0, r.output
+    r = _score(reference_run, "--etas", "0,0.5,1.3", "-o", str(tmp_path / "mem"), "-q")
+    assert r.exit_code == 0, r.output
+    folders = [str(tmp_path / f"eta{e}") for e in ("0", "0.5", "1.3")]
+    r = runner.invoke(app, ["eval", *folders, *_score_args(reference_run), "-o", str(tmp_path / "disk"), "-q"])
+    assert r.exit_code == 0, r.output
+    mem = json.loads((tmp_path / "mem" / "scores.json").read_text())["scores"]
+    disk = json.loads((tmp_path / "disk" / "scores.json").read_text())["scores"]
+    assert [(s["name"], s["eta"]) for s in mem] == [(str(final), None), (f"{final}@0", 0.0), (f"{final}@0.5", 0.5), (f"{final}@1.3", 1.3)]  # fmt: skip
+    for m, d in zip(mem[1:], disk):
+        assert (m["reward"], m["kl"], m["length"]) == (d["reward"], d["kl"], d["length"])
+    assert mem[1]["kl"] == 0.0
+    assert mem[2]["kl"] != mem[3]["kl"]  # two different policies
+    rows = [json.loads(x)["checkpoint"] for x in (tmp_path / "mem" / "samples.jsonl").read_text().splitlines()]
+    assert rows.count(f"{final}@0.5") == rows.count(str(final)) == mem[0]["n"]
+
+    line = _error_line(_score(reference_run, "--etas", "0.3,x", "-q"))
+    assert "--etas" in line and "0.3,x" in line
+
+
+def _score_args(run: Path) -> list[str]:
+    return ["--init", _sft(run), "--prompts", str(run.parent / "heldout.jsonl"), "--reward", f"{TOY_REWARD}:reward", "--max-new-tokens", "4"]  # fmt: skip
+
+
 def test_out_that_is_or_holds_an_input_is_refused(tmp_path, reference_run):
     final = reference_run / "final"
     for out in (final, final / "sub", reference_run):

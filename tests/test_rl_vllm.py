@@ -81,6 +81,37 @@ def test_engine_greedy_equals_the_builtin_sampler_before_and_after_a_push(files,
 
 
 @pytest.mark.vllm
+def test_stop_strings_end_completions_as_the_builtin_sampler_does(files, tmp_path):
+    """Greedy with stop strings: the same tokens (the one completing the stop string kept and unmasked), the
+    same texts cut after the string; a run with --stop and --rollout vllm trains."""
+    need_vllm()
+    from mergekit_warp.lm.models import load_model, load_tokenizer
+    from mergekit_warp.lm.sampling import generate
+    from mergekit_warp.lm.vllm_engine import Engine
+    from mergekit_warp.rl.train import train
+
+    tok, model = load_tokenizer(files / "m"), load_model(files / "m")
+    prompts = ["the cat is", "i love this movie", "hello", "what a day"]
+    free = generate(model, tok, prompts, max_new_tokens=8, temperature=1.0, top_k=1, generator_seed=0)
+    words = max(free.completions, key=len).split()
+    stop = [words[2], " ".join(words[:2]) + "x"]  # the second one never matches
+    want = generate(model, tok, prompts, max_new_tokens=8, temperature=1.0, top_k=1, generator_seed=0, stop=stop)
+    assert want.completion_mask.sum() < free.completion_mask.sum()  # the stop strings cut something
+    engine = Engine(
+        files / "m", dtype=torch.float32, device="cpu", seed=0, max_len=128, gpu_memory_utilization=0.3, sleep=False
+    )
+    got = engine.sample(
+        tok, prompts, seeds=[0] * 4, max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=1,
+        max_prompt_length=None, device="cpu", stop=stop,
+    )  # fmt: skip
+    engine.close()
+    assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.completion_mask, want.completion_mask)
+    assert got.completions == want.completions
+    out = train(cfg(files, tmp_path / "o", steps=2, stop=stop))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.vllm
 def test_a_push_does_not_leave_stale_prefix_cache(tmp_path):
     """Prompts longer than a KV block (128 tokens on CPU) are prefix-cached: after a push they must be
     recomputed with the new weights, not served from the cache of the old ones."""
@@ -121,6 +152,27 @@ def test_rl_with_vllm_learns_and_its_log_probs_match_the_trainer(files, tmp_path
     assert all(x["vllm_logprob_gap"] < 1e-3 for x in m)  # fp32 engine: on-policy up to rounding
     assert all(x["vllm_push_time"] >= 0 and x["entropy"] is None for x in m)
     assert set(load_state(out)) == set(load_state(files / "m"))
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_each_with_an_engine_give_the_one_process_run(files, tmp_path, parallel):
+    """Under torchrun each rank's engine samples its share, row j of a step with seed (seed, step, j):
+    the same completions as one process, so the same rewards and (up to rounding) the same policy. Under
+    FSDP each rank gathers the whole model for its engine."""
+    need_vllm()
+    from mergekit_warp.rl import launch
+    from mergekit_warp.rl.train import train
+
+    kw = dict(steps=3, beta=0.01, seed=1)
+    one = train(cfg(files, tmp_path / "one", **kw))
+    two_cfg = cfg(files, tmp_path / "two", parallel=parallel, **kw)
+    two = launch.train_on_group(two_cfg, ["cpu", "cpu"], log=tmp_path / "log")
+    m1, m2 = ([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (one, two))
+    assert [x["reward"] for x in m2] == pytest.approx([x["reward"] for x in m1], abs=1e-6)
+    assert all(x["vllm_logprob_gap"] < 1e-3 for x in m2)
+    a, b = load_state(one), load_state(two)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
 @pytest.mark.vllm

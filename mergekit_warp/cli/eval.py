@@ -112,6 +112,7 @@ def score_cmd(**o) -> None:
 
     with user_errors():
         trackers.check(o["report_to"])
+        etas = tuple(_floats(o["etas"], "--etas")) if o["etas"] is not None else ()
         recipe = make_recipe(
             like=o["like"],
             init=o["init"],
@@ -120,7 +121,7 @@ def score_cmd(**o) -> None:
             device=o["device"],
             options=_given(o),
         )
-        ev = score_checkpoints(o["checkpoints"], recipe, o["out"], force=o["force"], progress=not o["quiet"])
+        ev = score_checkpoints(o["checkpoints"], recipe, o["out"], etas=etas, force=o["force"], progress=not o["quiet"])
     table = scores_table(ev.scores, caption=recipe.describe())
     stream = sys.stdout if ev.out is None else sys.stderr  # the table is the result only without -o
     # In a log or a pipe, full lines rather than a table folded to 80 columns.
@@ -213,6 +214,18 @@ eval_app.command("score")(
                 "checkpoints",
                 list[Path],
                 typer.Argument(..., help="Checkpoints to score: HF folders, hub ids or builtin model names."),
+            ),
+            _param(
+                "etas",
+                Optional[str],
+                typer.Option(
+                    None,
+                    "--etas",
+                    metavar="η,η,…",
+                    help="Also score each checkpoint's LITI interpolations (1 − η)·θ_sft + η·θ toward --init at "
+                    "these η (e.g. 0.1,0.3,0.5,0.8,1.3; η > 1 extrapolates), built in memory: nothing is written. "
+                    "Rows are named CKPT@η.",
+                ),
             ),
             _param(
                 "like",

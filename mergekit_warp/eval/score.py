@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +53,8 @@ class Score:
     """Mean completion length in tokens."""
     n: int
     path: str = ""
+    eta: float | None = None
+    """`warp eval score --etas`: the LITI η toward θ_sft this policy was built with (None: the checkpoint)."""
 
 
 class Evaluator:
@@ -258,21 +260,26 @@ def score_checkpoints(
     recipe: Recipe,
     out: Path | None = None,
     *,
+    etas: tuple[float, ...] = (),
     force: bool = False,
     progress: bool = True,
 ) -> Evaluation:
-    """Score each checkpoint against θ_sft = `recipe.init`; with `out`, publish OUT/scores.csv,
-    OUT/scores.json (recipe, inputs with hashes, scores) and OUT/samples.jsonl (per completion)."""
+    """Score each checkpoint against θ_sft = `recipe.init`, and after each its LITI interpolations
+    (1 − η)·θ_sft + η·θ for η in `etas` (built in memory, named `CKPT@η`); with `out`, publish
+    OUT/scores.csv, OUT/scores.json (recipe, inputs with hashes, scores) and OUT/samples.jsonl (per
+    completion)."""
     from mergekit_warp.lm.rewards import reward_inputs
 
     inputs = [*checkpoints, recipe.init, recipe.prompts, *reward_inputs(recipe.reward)]
     ev, out = compute_and_publish(
-        out, inputs, force, lambda: _evaluate(checkpoints, recipe, progress), _write_evaluation
+        out, inputs, force, lambda: _evaluate(checkpoints, recipe, progress, etas), _write_evaluation
     )
     return Evaluation(ev.recipe, ev.scores, ev.samples, ev.folders, out)
 
 
-def _evaluate(checkpoints: list[str | Path], recipe: Recipe, progress: bool) -> Evaluation:
+def _evaluate(
+    checkpoints: list[str | Path], recipe: Recipe, progress: bool, etas: tuple[float, ...] = ()
+) -> Evaluation:
     from mergekit_warp.io.adapter import is_adapter
     from mergekit_warp.lm.models import model_folder
     from mergekit_warp.merge.adapters import split_spec
@@ -286,19 +293,24 @@ def _evaluate(checkpoints: list[str | Path], recipe: Recipe, progress: bool) -> 
     ev = Evaluator(local[0], recipe.prompts, recipe.reward, s, recipe.device)  # a bad input fails here, unlogged
     log(f"loaded θ_sft {recipe.init} and the reward {recipe.reward} on {recipe.device}")
     k = s.samples_per_prompt
-    steps = Steps("warp eval", progress, len(checkpoints) * ev.batches)
+    policies = [(c, p, eta) for c, p in zip(checkpoints, local[1:]) for eta in (None, *etas)]
+    steps = Steps("warp eval", progress, len(policies) * ev.batches)
     scores, rows = [], []
     try:
-        for i, (c, p) in enumerate(zip(checkpoints, local[1:])):
-            ev.load_folder(p)
+        for i, (c, p, eta) in enumerate(policies):
+            if eta is None:
+                ev.load_folder(p)
+            else:
+                ev.load_liti(local[0], p, eta)
+            name = str(c) if eta is None else f"{c}@{eta:g}"  # the path as given: checkpoints may share a name
             done = i * ev.batches
-            got = ev.sample(lambda b, c=c, done=done: steps.update(done + b, f"{c}: batch {b}/{ev.batches}"))
-            sc = summarize(got, str(c), str(c))  # the path as given: several checkpoints may share a name
-            steps.note(f"{c}: reward {sc.reward:+.4f} ± {sc.reward_se:.4f}   KL {sc.kl:.3f} ± {sc.kl_se:.3f}")
+            got = ev.sample(lambda b, n=name, done=done: steps.update(done + b, f"{n}: batch {b}/{ev.batches}"))
+            sc = replace(summarize(got, name, str(c)), eta=eta)
+            steps.note(f"{name}: reward {sc.reward:+.4f} ± {sc.reward_se:.4f}   KL {sc.kl:.3f} ± {sc.kl_se:.3f}")
             scores.append(sc)
             rows += [
                 {
-                    "checkpoint": str(c),
+                    "checkpoint": name,
                     "prompt_index": j // k,
                     "sample": j % k,
                     "prompt": ev.prompts[j],

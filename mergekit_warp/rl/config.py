@@ -184,8 +184,9 @@ class RLConfig(BaseModel):
     rollout: Literal["builtin", "vllm"] = Field(
         "builtin",
         description="Generation engine: 'builtin' (warp's sampler: exact, seeded per row, bit-identical resume) or "
-        "'vllm' (a vLLM engine in this process, the policy's weights pushed into it after every step; the loss and "
-        "the KLs still use the trainer's own log-probs; needs pip install 'mergekit-warp[vllm]').",
+        "'vllm' (a vLLM engine in this process, one per rank under torchrun, the policy's weights pushed into it "
+        "after every step; the loss and the KLs still use the trainer's own log-probs; needs pip install "
+        "'mergekit-warp[vllm]').",
     )
     vllm_gpu_memory_utilization: float = Field(
         0.3,
@@ -259,11 +260,6 @@ class RLConfig(BaseModel):
         lora_options = ("lora_alpha", "lora_targets", "lora_anchor", "merge_adapter")
         given = [flag(o) for o in lora_options if getattr(self, o) not in (None, False)]
         need(self.lora_r is not None or not given, f"{', '.join(given)} needs --lora-r (the adapter's rank)")
-        need(
-            self.rollout == "builtin" or not self.stop,
-            "--stop is not supported with --rollout vllm yet (its stop strings end completions differently); "
-            "drop one of them",
-        )
         need(
             self.lora_r is None or self.parallel != "fsdp",
             "--lora-r does not run under --parallel fsdp yet; use --parallel ddp (the default)",

@@ -127,8 +127,8 @@ class Run:
 
     def push_engine(self) -> float:
         """Load the policy's current weights into the vLLM engine; returns the seconds it took."""
-        if self.lora is None:
-            named = dict(self.policy.state_dict())
+        if self.lora is None:  # (under FSDP every rank gathers the whole model: each has an engine)
+            named = self.par.full(dict(self.policy.state_dict()))
         else:
             named = st.cast(merged_state(self.policy, self.lora.deltas()), parse_dtype(self.cfg.dtype))
         return self.engine.push(named)
@@ -266,6 +266,7 @@ def rollout(run: Run) -> tuple[list[str], list[Rollout]]:
                 top_k=cfg.top_k,
                 max_prompt_length=cfg.max_prompt_length,
                 device=dev,
+                stop=cfg.stop or (),
             )
             for c in range(0, len(texts), cfg.chunk)
         ]
@@ -412,9 +413,7 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
         lora=lora,
         base_sample=sample_of(src, [f"{n}.weight" for n in lora.names]) if lora is not None else None,
     )
-    if cfg.rollout == "vllm":
-        if par.world_size > 1:
-            raise WarpError("--rollout vllm runs in one process for now; drop --nproc (or use --rollout builtin)")
+    if cfg.rollout == "vllm":  # one engine per process, each sampling its share of the batch
         from mergekit_warp.lm.vllm_engine import Engine
 
         # vLLM reserves a KV cache for its longest request: this run's longest prompt and completion
@@ -428,6 +427,7 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
             max_len=min(longest, context) if context else longest,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             sleep=cfg.vllm_sleep,
+            world_size=par.world_size,
         )
     if resuming:
         if lora is not None and st.read_config(work).get("base_sample", run.base_sample) != run.base_sample:
