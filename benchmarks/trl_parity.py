@@ -1,6 +1,6 @@
 """Same job, two implementations: `warp rl` against TRL's RLOOTrainer, judged by one `warp eval score`.
 
-    python benchmarks/trl_parity.py OUT [--seeds 6] [--steps 100] [--anchor ema|init] [--jobs 2]
+    python benchmarks/trl_parity.py OUT [--seeds 8] [--steps 100] [--anchor ema|init] [--jobs 2]
 
 Both train the same policy with the same settings: the RLOO baseline over k = 2 samples, the KL to the
 reference summed over the completion in the reward (β 0.1), temperature 0.9, Adam with a 10-step linear
@@ -13,12 +13,14 @@ seeds for all): reward, KL(π‖π_sft) and completion length, mean ± s.e. over
 paired difference to warp.
 
 Without --model the policy is the reproduction's small Llama (examples/reproduce/sft.py, built into
-OUT/sft) with its prompts and the `sentiment` reward. Needs `trl` installed (not a dependency of warp).
+OUT/sft) with its prompts and the `sentiment` reward. Needs `trl` and `datasets` installed (not
+dependencies of warp): pip install trl datasets. About 15 minutes with the defaults on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -113,14 +115,14 @@ def mean_se(xs: list[float]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] + " Needs trl and datasets.")
     p.add_argument("out", type=Path)
     p.add_argument("--model", help="θ_sft (default: the reproduction's small Llama, built into OUT/sft)")
     p.add_argument("--prompts", help="training prompts (default: the reproduction's)")
     p.add_argument("--heldout", help="held-out prompts for the evaluation (default: the reproduction's)")
     p.add_argument("--reward", default="sentiment")
     p.add_argument("--anchor", choices=("ema", "init"), default="ema")
-    p.add_argument("--seeds", type=int, default=6)
+    p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--jobs", type=int, default=2)
@@ -132,6 +134,9 @@ def main() -> None:
         a.out = a.out.resolve()
         return trl_worker(a)
 
+    missing = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"trl_parity.py needs {' and '.join(missing)}: pip install trl datasets")
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if a.model is None:
@@ -150,8 +155,13 @@ def main() -> None:
     todo = [(d, argv) for d, argv in jobs if not d.exists()]
     print(f"{len(todo)} runs to do ({len(jobs) - len(todo)} done)", flush=True)
     with ThreadPoolExecutor(a.jobs) as pool:
-        for f in [pool.submit(run, argv, d.parent / f"{d.name}.log") for d, argv in todo]:
-            f.result()
+        futures = [pool.submit(run, argv, d.parent / f"{d.name}.log") for d, argv in todo]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:  # the first failure stops the queue
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     scores = out / "scores"
     if not scores.exists():
         ev = [sys.executable, "-m", "mergekit_warp", "eval", "score", *[d for d, _ in jobs], "--init", a.model]

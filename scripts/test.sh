@@ -4,6 +4,6 @@
 set -euo pipefail
 . "$(dirname "$0")/venv.sh"
 warp_venv test
-ruff check mergekit_warp tests benchmarks
-ruff format --check mergekit_warp tests benchmarks
+ruff check mergekit_warp tests benchmarks examples
+ruff format --check mergekit_warp tests benchmarks examples
 exec python -m pytest -q "$@"

@@ -46,9 +46,11 @@ def test_without_vllm_one_line_and_nothing_written(files, tmp_path):
     except ImportError:
         pass
     args = ["rl", "--model", str(files / "m"), "--prompts", str(files / "p.jsonl"), "--reward", "sentiment"]
-    res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o"), "--rollout", "vllm", "-q"])
-    assert res.exit_code == 2 and "needs vLLM" in res.output and "pip install" in res.output, res.output
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    for more in ([], ["--nproc", "2", "--batch-size", "4"]):  # several processes: refused before launching them
+        res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o"), "--rollout", "vllm", "-q", *more])
+        assert res.exit_code == 2 and "needs vLLM" in res.output and "pip install" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1, res.output
+        assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
 @pytest.mark.vllm

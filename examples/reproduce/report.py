@@ -69,6 +69,8 @@ def matched(a: np.ndarray, b: np.ndarray) -> float:
 def interval(values: list[float]) -> dict:
     v = [x for x in values if not math.isnan(x)]
     n = len(v)
+    if n == 0:
+        return {"mean": math.nan, "se": math.nan, "lo": math.nan, "hi": math.nan, "n": 0, "values": v}
     mean = statistics.fmean(v)
     se = statistics.stdev(v) / math.sqrt(n) if n > 1 else math.nan
     half = T95[n - 1] * se if n > 1 else math.nan
@@ -409,12 +411,17 @@ def write_report(works: dict[str, Work], doc: Path, meta: dict) -> None:
     L.append("")
     L.append("## How to run it\n")
     L.append(
-        "```\nbash scripts/venv.sh   # or any environment with the package installed\npython examples/reproduce/reproduce.py runs/reproduce\n```\n"
+        "```\n. scripts/venv.sh && warp_venv demo   # .venv with the CPU torch and warp (or any environment with warp installed)\npython examples/reproduce/reproduce.py runs/reproduce\n```\n"
     )
     L.append(
         f"Versions of the committed run: warp {v['warp']}, torch {v['torch']}, transformers {v['transformers']}, "
-        f"numpy {v['numpy']}, Python {v['python']}, {os.cpu_count()} CPU cores. "
-        f"The last invocation took {meta.get('elapsed_s', 0) / 60:.0f} min (a resumed run counts only what it redid).\n"
+        f"numpy {v['numpy']}, Python {v['python']}, {os.cpu_count()} CPU cores."
+        + (
+            f" The last invocation took {meta['elapsed_s'] / 60:.0f} min (a resumed run counts only what it redid)."
+            if "elapsed_s" in meta
+            else ""
+        )
+        + "\n"
     )
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(L))

@@ -5,7 +5,7 @@ public commands (`warp rl`, `warp merge`, `warp liti`, `warp eval score`, `warp 
 
 WORK (default runs/reproduce) holds every run, merge and evaluation; a step whose output exists is
 not redone, so an interrupted reproduction continues where it stopped. At the end the report is
-written: docs/REPRODUCTION.md and its plots in docs/reproduction/. About 35 minutes on a 2-core CPU.
+written: docs/REPRODUCTION.md and its plots in docs/reproduction/. About 45 minutes on a 2-core CPU.
 
 The experiment (see the document for why this setting):
   - θ_sft: a 0.68M-parameter Llama trained by sft.py on synthetic reviews; reward: VADER sentiment.
@@ -125,8 +125,13 @@ def batch(jobs: list[tuple[Path, list[str]]], workers: int, what: str) -> None:
     print(f"{what}: {len(todo)} to do ({len(jobs) - len(todo)} done)", flush=True)
     logs = lambda out: out.parent / "logs" / f"{out.name}.log"  # noqa: E731
     with ThreadPoolExecutor(workers) as pool:
-        for f in [pool.submit(run, [str(a) for a in argv], logs(out)) for out, argv in todo]:
-            f.result()
+        futures = [pool.submit(run, [str(a) for a in argv], logs(out)) for out, argv in todo]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:  # a failure (or ^C) stops here: the queued commands are not started
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     print(f"{what}: done in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -227,10 +232,12 @@ def evaluation_groups(w: Work) -> dict[str, tuple[list[Path], tuple[float, ...]]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("work", type=Path, nargs="?", default=Path("runs/reproduce"))
+    ap.add_argument("work", type=Path, nargs="?", default=Path("runs/reproduce"), help="where everything is made")
     ap.add_argument("--jobs", type=int, default=2, help="commands run at once (one CPU thread each)")
-    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "REPRODUCTION.md")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "REPRODUCTION.md", help="the document to write")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
     works = {name: Work(args.work.resolve(), st) for name, st in SETTINGS.items()}
     t0 = time.time()
     for w in works.values():

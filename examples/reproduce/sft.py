@@ -133,6 +133,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error("--steps must be at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"{args.out} exists and is not a folder")
     train(args.out, args.steps, args.seed)
     write_prompts(args.out.parent / "prompts")
 

@@ -49,6 +49,14 @@ def _floats(text: str, option: str) -> list[float]:
     return values
 
 
+def _sweep(text: str) -> tuple[float, ...]:
+    """`--etas` of `warp eval score`: distinct η ≥ 0 (η > 1 extrapolates), as `warp liti` takes them."""
+    etas = _floats(text, "--etas")
+    if any(e < 0 for e in etas) or len(set(etas)) != len(etas):
+        raise WarpError(f"--etas {text!r}: give distinct values ≥ 0, e.g. 0.1,0.3,0.5,0.8,1.3")
+    return tuple(etas)
+
+
 def _param(name: str, annotation, default) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
@@ -112,7 +120,7 @@ def score_cmd(**o) -> None:
 
     with user_errors():
         trackers.check(o["report_to"])
-        etas = tuple(_floats(o["etas"], "--etas")) if o["etas"] is not None else ()
+        etas = _sweep(o["etas"]) if o["etas"] is not None else ()
         recipe = make_recipe(
             like=o["like"],
             init=o["init"],

@@ -19,6 +19,10 @@ def register(app: typer.Typer) -> None:
         with launch.worker_process(), user_errors():
             spec = launch.take_spec(options)
             cfg = make_config(options)
+            if cfg.rollout == "vllm":  # before loading anything, or launching processes that would each fail
+                from mergekit_warp.lm.vllm_engine import require
+
+                require()
             if launch.wanted(spec):  # --nproc N / --nnodes M: rerun this command under torchrun
                 launch.check(spec, cfg.batch_size, cfg.device)
                 raise typer.Exit(launch.relaunch(spec))

@@ -49,7 +49,7 @@ class Point:
     score: Score
 
     def row(self) -> dict[str, Any]:
-        s = asdict(self.score)
+        s = {k: v for k, v in asdict(self.score).items() if k != "eta"}  # the point's own η is the one
         return {"iteration": self.iteration, "kind": self.kind, "eta": "" if self.eta is None else self.eta, **s}
 
 

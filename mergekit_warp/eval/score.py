@@ -302,7 +302,7 @@ def _evaluate(
                 ev.load_folder(p)
             else:
                 ev.load_liti(local[0], p, eta)
-            name = str(c) if eta is None else f"{c}@{eta:g}"  # the path as given: checkpoints may share a name
+            name = str(c) if eta is None else f"{c}@{eta:.15g}"  # the path as given: checkpoints may share a name
             done = i * ev.batches
             got = ev.sample(lambda b, n=name, done=done: steps.update(done + b, f"{n}: batch {b}/{ev.batches}"))
             sc = replace(summarize(got, name, str(c)), eta=eta)

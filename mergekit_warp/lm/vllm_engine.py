@@ -33,6 +33,14 @@ INSTALL = (
 )
 
 
+def require() -> None:
+    """A one-line error, before any work, when vLLM is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise WarpError(f"--rollout vllm needs vLLM, which is not installed: {INSTALL}")
+
+
 class Engine:
     """A colocated vLLM engine: `sample` the step's completions, `push` the policy's weights."""
 
