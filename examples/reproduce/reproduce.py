@@ -5,13 +5,14 @@ public commands (`warp rl`, `warp merge`, `warp liti`, `warp eval score`, `warp 
 
 WORK (default runs/reproduce) holds every run, merge and evaluation; a step whose output exists is
 not redone, so an interrupted reproduction continues where it stopped. At the end the report is
-written: docs/REPRODUCTION.md and its plots in docs/reproduction/. About 45 minutes on a 2-core CPU.
+written: docs/REPRODUCTION.md and its plots in docs/reproduction/. About 35 minutes on 2 idle CPU cores.
 
-The experiment (see the document for why this setting):
+The experiment (see the document for why this setting), in two settings (`SETTINGS`: `main`, and `noisy`
+with smaller batches and no claim-1 runs):
   - θ_sft: a 0.68M-parameter Llama trained by sft.py on synthetic reviews; reward: VADER sentiment.
-  - 12 EMA-anchor runs (seeds 1..12, 100 steps; seeds 1-3 go on to 300) and 3 frozen-anchor runs
-    (seeds 1-3, 300 steps), checkpoints every 10 steps: the trajectories.
-  - From the step-100 policies: SLERP and LERP of 6 disjoint pairs, SLERP of 4 triples and 3
+  - 12 EMA-anchor runs of T steps (seeds 1..12; in `main` seeds 1-3 go on to 300 steps, beside 3
+    frozen-anchor runs of 300 steps), checkpoints every T/10 steps: the trajectories.
+  - From the step-T policies: SLERP and LERP of 6 disjoint pairs, SLERP of 4 triples and 3
     quadruples, each swept toward θ_sft with LITI (η below); iteration 2 for the first 3 pairs
     (init = LITI η = 0.3 of the pair's SLERP, 2 new runs, SLERP, the same sweep).
   - Every checkpoint scored by `warp eval score` on the held-out prompts with the same samples' seeds.
