@@ -187,7 +187,8 @@ class Analysis:
         if st.long:
             third = len(self.traj("frozen", st.long[0], st.long_steps)) * 2 // 3
             for kind in ("frozen", "ema"):
-                gains = [float(self.traj(kind, s, st.long_steps)[-1, 1] - self.traj(kind, s, st.long_steps)[third, 1]) for s in st.long]  # fmt: skip
+                trajs = [self.traj(kind, s, st.long_steps) for s in st.long]
+                gains = [float(t[-1, 1] - t[third, 1]) for t in trajs]
                 row(f"{kind} anchor: reward gained over the last third of the run", gains)
         cos = self.geometry()["cos"]
         row("LERP's norm shrink predicted by Lemma 2 at the measured block cosine, 1 − √(1 − (1 − cos Ω)/2) (paper, cos Ω ≈ 0: 0.293)", [1 - math.sqrt(1 - (1 - c) / 2) for c in cos])  # fmt: skip

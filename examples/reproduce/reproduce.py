@@ -194,7 +194,6 @@ def experiment(w: Work, jobs: int) -> None:
         scored.append((out, warp("eval", "score", *ckpts, "--init", w.sft, "--prompts", w.prompts / "heldout.jsonl", *EVAL, *sweep_args, "-o", out)))  # fmt: skip
     batch(scored, jobs, f"[{st.name}] evaluation (warp eval score)")
 
-    inspect = []
     for a, b in PAIRS:
         for name, models, init in ((f"runs_{a}-{b}", [step(a), step(b)], w.sft), (f"merges_{a}-{b}", [w.merge(f"slerp_{a}-{b}"), w.merge(f"lerp_{a}-{b}")], w.sft)):  # fmt: skip
             out = w.root / "inspect" / f"{name}.json"
@@ -204,7 +203,6 @@ def experiment(w: Work, jobs: int) -> None:
                 if res.returncode:
                     raise SystemExit(f"warp inspect failed: {res.stderr[-2000:]}")
                 out.write_text(res.stdout)
-            inspect.append(out)
 
 
 def trajectory(w: Work, kind: str, seed: int, steps: int) -> list[Path]:

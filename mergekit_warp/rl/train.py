@@ -259,7 +259,7 @@ def rollout(run: Run) -> tuple[list[str], list[Rollout]]:
             run.engine.sample(
                 run.tok,
                 texts[c : c + cfg.chunk],
-                seeds=[seed_of(cfg.seed, run.step, first + c + j) for j in range(len(texts[c : c + cfg.chunk]))],
+                seeds=[seed_of(cfg.seed, run.step, first + j) for j in range(c, min(c + cfg.chunk, len(texts)))],
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
