@@ -4,12 +4,15 @@
     python benchmarks/rl_bench.py --model /path/to/hf --batch-size 8 --steps 6 --no-trl
     python benchmarks/rl_bench.py --lora --no-trl           # full fine-tuning vs LoRA r=16 (both anchors)
     python benchmarks/rl_bench.py --vllm --max-new-tokens 256  # warp's sampler vs --rollout vllm (and TRL)
+    python benchmarks/rl_bench.py --vllm --vllm-compile on --no-trl  # vLLM's model compiled (minutes at start)
 
 Each system runs in its own subprocess (a clean peak RSS each). The job is identical: same model, prompts
 (chat template applied), VADER sentiment reward, batch of B prompts × k samples, max 24 new tokens,
 temperature 0.9, β 0.1, lr 1e-6, no warm-up, and an EMA reference updated every step with μ = 0.01
 (TRL: sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=μ). The first step is a
-warm-up and is not timed. Reported: s/step (median), samples/s, generated tokens/s, peak RSS.
+warm-up and is not timed. Reported: s/step (median), samples/s, generated tokens/s, peak RSS; for warp, the
+sampling time per step, the weight push into vLLM per step, and the set-up (loading, vLLM's start-up and
+compilation, the untimed first step).
 Figures on a shared machine are noisy: run both systems in the same invocation and compare ratios.
 
 --lora adds `warp rl --lora-r 16` (all linear layers) with each of its anchors (`factors`, `exact`) on
@@ -100,6 +103,7 @@ def run_warp(a: argparse.Namespace) -> dict:
         progress=False,
         seed=0,
         threads=a.threads,
+        vllm_compile=a.vllm_compile,
     )
     t0 = time.perf_counter()
     out = train(cfg)
@@ -110,7 +114,9 @@ def run_warp(a: argparse.Namespace) -> dict:
         "s_per_step": statistics.median(m["step_time"] for m in ms),
         "gen_s_per_step": statistics.median(m["gen_time"] for m in ms),
         "cpu_s_per_step": statistics.median(m["step_cpu_time"] for m in ms),
+        "push_s_per_step": statistics.median(m["vllm_push_time"] for m in ms) if "vllm_push_time" in ms[0] else None,
         "tokens_per_step": statistics.mean(m["completion_len"] for m in ms) * a.batch_size * a.k,
+        "setup_s": total - sum(m["step_time"] for m in ms),
         "total_s": total,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -200,6 +206,7 @@ def main() -> None:
     p.add_argument("--no-trl", action="store_true")
     p.add_argument("--lora", action="store_true", help=f"also LoRA r={LORA_R} with each anchor, and a 7B projection")
     p.add_argument("--vllm", action="store_true", help="also warp rl --rollout vllm (needs vLLM installed)")
+    p.add_argument("--vllm-compile", choices=["auto", "on", "off"], default="auto", help="warp rl --vllm-compile")
     p.add_argument("--worker", choices=[*WORKERS, "trl"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -242,6 +249,8 @@ def main() -> None:
             argv[4],
             "--threads",
             str(a.threads),
+            "--vllm-compile",
+            a.vllm_compile,
         ]
         cmd += ["--grad-checkpointing"] * a.grad_checkpointing
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -258,7 +267,7 @@ def main() -> None:
     )
     print(
         f"{'system':<22} {'s/step':>8} {'CPU s/step':>10} {'samples/s':>10} {'tokens/s':>9} {'sampling s':>10} "
-        f"{'sampling tok/s':>14} {'peak RSS':>10}"
+        f"{'sampling tok/s':>14} {'push s':>7} {'set-up s':>8} {'peak RSS':>10}"
     )
     for r in results:
         gen = r.get("gen_s_per_step")
@@ -266,6 +275,8 @@ def main() -> None:
             f"{r['system']:<22} {r['s_per_step']:>8.2f} {r['cpu_s_per_step']:>10.2f} {n / r['s_per_step']:>10.2f} "
             f"{r['tokens_per_step'] / r['s_per_step']:>9.1f} "
             + (f"{gen:>10.2f} {r['tokens_per_step'] / gen:>14.1f}" if gen else f"{'':>10} {'':>14}")
+            + (f" {r['push_s_per_step']:>7.2f}" if r.get("push_s_per_step") is not None else f" {'':>7}")
+            + (f" {r['setup_s']:>8.1f}" if "setup_s" in r else f" {'':>8}")
             + f" {r['peak_rss_mb'] / 1024:>8.2f} GB"
         )
     base = results[0] if results and results[0]["system"] == "warp rl" else None

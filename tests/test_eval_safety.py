@@ -194,8 +194,9 @@ def test_nan_in_liti_endpoints(files, tiny_init):
 def test_liti_overflow_names_eta(files, tiny_init):
     ev = Evaluator(tiny_init, files["prompts"], f"{files['judges']}:words", EvalSettings(max_new_tokens=3))
     ev.load_liti(tiny_init, files["run"], 1.5)  # ordinary extrapolation is fine
-    with pytest.raises(WarpError, match=r"LITI interpolation η=1e\+39 .*overflows"):
+    with pytest.raises(WarpError, match=r"LITI interpolation η=1e\+39 .*overflows") as e:
         ev.load_liti(tiny_init, files["run"], 1e39)
+    assert "use a smaller η" in str(e.value) and "fp32" not in str(e.value)  # evaluated in fp32: nothing wider
 
 
 def test_non_finite_estimate_is_an_error(files, tiny_init, tmp_path):

@@ -277,6 +277,28 @@ def test_stop_strings_cut_completions_and_mask_the_rest(policy):
     torch.testing.assert_close(r.logprobs, lp, rtol=1e-5, atol=1e-4)
 
 
+def test_heldout_samples_end_at_stop_strings(policy):
+    """warp rl's held-out evaluation passes the run's stop strings: the reward sees, and the lengths count,
+    the completions `generate` gives with them."""
+    from mergekit_warp.lm.heldout import sample_and_score
+
+    model, tok = policy
+    kw = dict(max_new_tokens=10, temperature=1.0)
+    base = generate(model, tok, PROMPTS, generator_seed=7, **kw)
+    words = [w for c in base.completions for w in c.split()[1:]]
+    stop = [max(set(words), key=words.count)]  # the commonest word that is not a completion's first
+    want = generate(model, tok, PROMPTS, generator_seed=7, stop=stop, **kw)
+    seen: list[str] = []
+
+    def reward(prompts, completions):
+        seen.extend(completions)
+        return [0.0] * len(completions)
+
+    got = sample_and_score(model, model, tok, PROMPTS, reward, seed=7, batch_size=len(PROMPTS), stop=stop, **kw)
+    assert seen == want.completions and torch.equal(got.lengths, want.lengths.double())
+    assert (got.lengths < base.lengths).any() and any(c.endswith(stop[0]) for c in seen)
+
+
 def test_cut_at_stop_keeps_the_first_stop_string():
     from mergekit_warp.lm.sampling import cut_at_stop
 

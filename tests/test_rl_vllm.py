@@ -54,7 +54,9 @@ def test_without_vllm_one_line_and_nothing_written(files, tmp_path):
 
 
 @pytest.mark.vllm
-def test_engine_greedy_equals_the_builtin_sampler_before_and_after_a_push(files, tmp_path):
+@pytest.mark.parametrize("compiled", ["off", "on"])
+def test_engine_greedy_equals_the_builtin_sampler_before_and_after_a_push(files, tmp_path, compiled):
+    """Eager and compiled (torch.compile: the push must reach the tensors the compiled graph reads)."""
     need_vllm()
     from mergekit_warp.lm.models import load_model, load_tokenizer
     from mergekit_warp.lm.sampling import generate, sequence_logprobs
@@ -63,8 +65,9 @@ def test_engine_greedy_equals_the_builtin_sampler_before_and_after_a_push(files,
     tok = load_tokenizer(files / "m")
     prompts = ["the cat is", "i love this movie", "hello", "what a day"]
     engine = Engine(
-        files / "m", dtype=torch.float32, device="cpu", seed=0, max_len=128, gpu_memory_utilization=0.3, sleep=False
-    )
+        files / "m", dtype=torch.float32, device="cpu", seed=0, max_len=128, gpu_memory_utilization=0.3, sleep=False,
+        compiled=compiled,
+    )  # fmt: skip
     other = make_tiny_llama(tmp_path / "other", seed=7, head_dim=32)
     same = dict(max_new_tokens=8, top_p=1.0, max_prompt_length=None, device="cpu")
     for folder, push in ((files / "m", False), (other, True)):
@@ -187,6 +190,21 @@ def test_a_configuration_vllm_cannot_run_is_one_line(tmp_path, files):
     with pytest.raises(WarpError, match="vLLM"):
         train(cfg(files, tmp_path / "o", model=str(narrow), steps=1))
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+@pytest.mark.vllm
+def test_a_kv_cache_setting_that_cannot_fit_is_one_line(tmp_path, files):
+    """Too small for one request (the longest prompt + --max-new-tokens), or more than the machine has free:
+    one line naming the setting and what to change, exit 2, nothing written."""
+    need_vllm()
+    args = ["rl", "--model", str(files / "m"), "--prompts", str(files / "p.jsonl"), "--reward", "sentiment"]
+    args += ["--rollout", "vllm", "--max-new-tokens", "64", "-q", "-o", str(tmp_path / "o")]
+    for gb, says in (("0.00001", "cannot hold one request of"), ("100000", "does not fit in this machine's free")):
+        res = CliRunner().invoke(app, [*args, "--vllm-kv-cache-gb", gb])
+        assert res.exit_code == 2, res.output
+        line = res.output.strip().splitlines()[-1]
+        assert says in line and f"--vllm-kv-cache-gb {float(gb):g}" in line, res.output
+        assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
 @pytest.mark.vllm

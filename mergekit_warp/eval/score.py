@@ -130,14 +130,14 @@ class Evaluator:
         v = a if a is b or not a.is_floating_point() else mmath.liti(a.float(), b.float(), eta)
         v = v.to(dst.dtype)  # `a` itself for a plain load in the same dtype: checked above
         if v is not a and v.is_floating_point() and not bool(torch.isfinite(v).all()):  # finite inputs: an overflow
-            if a is b:
+            if a is b:  # (the evaluation runs in fp32: there is no wider dtype to offer)
                 raise WarpError(
                     f"tensor {name} of checkpoint {merged} overflows {dst.dtype} (inf) when loaded; "
-                    "evaluate in a wider dtype (fp32)"
+                    "its values are beyond the evaluation's range: the checkpoint cannot be evaluated"
                 )
             raise WarpError(
                 f"tensor {name}: the LITI interpolation η={eta:g} of {target} and {merged} overflows "
-                f"{dst.dtype} (inf); use a smaller η (or evaluate in fp32)"
+                f"{dst.dtype} (inf); use a smaller η"
             )
         dst.copy_(v)
 

@@ -7,7 +7,7 @@ tokens at the sampling temperature; their mean estimates KL(π‖π_ref), WARP �
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,9 +46,10 @@ def sample_and_score(
     batch_size: int,
     share_prefix: bool = True,
     all_done: Callable[[bool], bool] | None = None,
+    stop: Sequence[str] = (),
 ) -> Samples:
     """Sample one completion per entry of `prompts` from `policy` (batch c seeded `seed + c`) and score
-    it. `share_prefix`/`all_done`: see `generate` (data-parallel callers pass their own)."""
+    it. `share_prefix`/`all_done`/`stop`: see `generate` (data-parallel callers pass their own)."""
     rewards, kls, lengths = [], [], []
     for c, start in enumerate(range(0, len(prompts), batch_size)):
         ro = generate(
@@ -60,6 +61,7 @@ def sample_and_score(
             generator_seed=seed + c,
             share_prefix=share_prefix,
             all_done=all_done,
+            stop=stop,
         )
         # log π was recorded while sampling: the sum a forward of the policy computes, up to float rounding
         # (tests/test_rl_rollout.py), so only the reference needs a forward.

@@ -4,11 +4,12 @@ The engine is created once from the init's folder, in this process (no server; v
 `VLLM_ENABLE_V1_MULTIPROCESSING=0`; under torchrun one engine per rank, in vLLM's "external launcher"
 data-parallel mode, each sampling its rank's share of the batch), and after every optimiser step the
 policy's new weights are loaded into it in place (`reload_weights` on its worker, tensors passed
-directly). It samples at the run's temperature, top-p, top-k, `max_new_tokens` and stop strings;
-completion i of a step is drawn with its own seed (seed, step, i), so a completion does not depend on
-how the batch is split. Its draws are not the
-built-in sampler's: a run with `--rollout vllm` is seeded and repeatable on one machine, but not
-bit-identical to a `--rollout builtin` run, nor guaranteed bit-identical across a resume.
+directly). Its context is the run's longest prompt plus `max_new_tokens`, its KV cache 1 GB on CPU unless
+told; its model runs eagerly on CPU and compiled (torch.compile, CUDA graphs) on GPUs unless told. It
+samples at the run's temperature, top-p, top-k, `max_new_tokens` and stop strings; completion i of a step
+is drawn with its own seed (seed, step, i), so a completion does not depend on how the batch is split. Its
+draws are not the built-in sampler's: a run with `--rollout vllm` is seeded and repeatable on one machine,
+but not bit-identical to a `--rollout builtin` run, nor guaranteed bit-identical across a resume.
 
 The rollouts come back in the built-in sampler's layout (`Rollout`: left-padded prompts, right-padded
 completions ending with their EOS); `logprobs` holds vLLM's own log-probs of the sampled tokens at the
@@ -54,11 +55,12 @@ class Engine:
         max_len: int,
         gpu_memory_utilization: float,
         sleep: bool,
+        kv_cache_gb: float | None = None,
+        compiled: str = "auto",
         world_size: int = 1,
     ):
         # the engine in this process: weights are pushed as tensors, which only works in-process
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB of KV cache on CPU (vLLM's default is 4)
         try:
             from vllm import LLM
         except ImportError:
@@ -74,12 +76,17 @@ class Engine:
             dtype={torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
             seed=seed,
             max_model_len=max_len,
-            enforce_eager=True,
+            # compiled: torch.compile, and CUDA graphs on a GPU (pushes copy into the same tensors, which the
+            # graphs keep reading); on CPU compiling costs minutes at start-up, so eager unless asked
+            enforce_eager=compiled == "off" or (compiled == "auto" and not self.cuda),
             logprobs_mode="processed_logprobs",  # log-probs at the sampling temperature, as the trainer's
             trust_remote_code=False,
         )
         if self.cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
+        kv_cache_gb = kv_cache_gb if kv_cache_gb is not None or self.cuda else 1.0  # vLLM's CPU default is 4 GB
+        if kv_cache_gb is not None:
+            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30))
         if world_size > 1:  # under torchrun: an engine per rank, joined as vLLM's data-parallel replicas
             kwargs.update(
                 distributed_executor_backend="external_launcher", tensor_parallel_size=1, data_parallel_size=world_size
@@ -87,7 +94,22 @@ class Engine:
         try:
             self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM raises many kinds; none should become a traceback
-            raise WarpError(f"vLLM cannot run the model {folder}: {_first_line(e)}; use --rollout builtin") from None
+            why = _first_line(e)
+            setting = (
+                f"--vllm-kv-cache-gb {kv_cache_gb:g}"
+                if kv_cache_gb is not None
+                else f"--vllm-gpu-memory-utilization {gpu_memory_utilization:g}"
+            )
+            if "less than requested memory" in why:  # vLLM's CPU worker: more than the machine has free
+                raise WarpError(
+                    f"vLLM's KV cache ({setting}) does not fit in this machine's free memory; lower it"
+                ) from None
+            if "cache blocks" in why or "KV cache is needed" in why:  # too small for one request
+                raise WarpError(
+                    f"vLLM's KV cache ({setting}) cannot hold one request of {max_len} tokens (this run's longest "
+                    "prompt plus --max-new-tokens); raise it, or lower --max-new-tokens or --max-prompt-length"
+                ) from None
+            raise WarpError(f"vLLM cannot run the model {folder}: {why}; use --rollout builtin") from None
 
     def sample(
         self,

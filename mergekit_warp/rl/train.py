@@ -320,7 +320,8 @@ def _diverged(run: Run, what: str) -> None:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    """Mean reward and KL(π‖π_init) on the held-out prompts (fixed seeds, so steps are comparable)."""
+    """Mean reward and KL(π‖π_init) on the held-out prompts (fixed seeds, so steps are comparable), the
+    completions ending at the run's stop strings as in training."""
     with torch.autocast(
         next(run.policy.parameters()).device.type, dtype=run.autocast or torch.float32, enabled=run.autocast is not None
     ):
@@ -336,6 +337,7 @@ def evaluate(run: Run) -> dict[str, float]:
             batch_size=run.cfg.chunk,
             share_prefix=run.par.share_prefix(run.policy),
             all_done=run.par.all_done(run.policy),
+            stop=run.cfg.stop or (),  # the completions the run trains on
         )
     return {"eval_reward": float(s.rewards.mean()), "eval_kl_init": float(s.kls.mean())}
 
@@ -426,6 +428,8 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
             seed=cfg.seed,
             max_len=min(longest, context) if context else longest,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            kv_cache_gb=cfg.vllm_kv_cache_gb,
+            compiled=cfg.vllm_compile,
             sleep=cfg.vllm_sleep,
             world_size=par.world_size,
         )
