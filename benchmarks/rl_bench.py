@@ -11,8 +11,8 @@ Each system runs in its own subprocess (a clean peak RSS each). The job is ident
 temperature 0.9, β 0.1, lr 1e-6, no warm-up, and an EMA reference updated every step with μ = 0.01
 (TRL: sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=μ). The first step is a
 warm-up and is not timed. Reported: s/step (median), samples/s, generated tokens/s, peak RSS; for warp, the
-sampling time per step, the weight push into vLLM per step, and the set-up (loading, vLLM's start-up and
-compilation, the untimed first step).
+sampling time per step, the weight push into vLLM per step, and the set-up (everything but the timed steps:
+loading, vLLM's start-up and compilation, the untimed first step, writing the output).
 Figures on a shared machine are noisy: run both systems in the same invocation and compare ratios.
 
 --lora adds `warp rl --lora-r 16` (all linear layers) with each of its anchors (`factors`, `exact`) on

@@ -193,13 +193,15 @@ def test_a_configuration_vllm_cannot_run_is_one_line(tmp_path, files):
 
 
 @pytest.mark.vllm
-def test_a_kv_cache_setting_that_cannot_fit_is_one_line(tmp_path, files):
+def test_a_kv_cache_setting_that_cannot_fit_is_one_line(tmp_path, files, monkeypatch):
     """Too small for one request (the longest prompt + --max-new-tokens), or more than the machine has free:
-    one line naming the setting and what to change, exit 2, nothing written."""
+    one line naming the setting and what to change, exit 2, nothing written. The option wins over vLLM's
+    own VLLM_CPU_KVCACHE_SPACE (which alone would have room)."""
     need_vllm()
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     args = ["rl", "--model", str(files / "m"), "--prompts", str(files / "p.jsonl"), "--reward", "sentiment"]
     args += ["--rollout", "vllm", "--max-new-tokens", "64", "-q", "-o", str(tmp_path / "o")]
-    for gb, says in (("0.00001", "cannot hold one request of"), ("100000", "does not fit in this machine's free")):
+    for gb, says in (("0.0001", "cannot hold one request of"), ("100000", "does not fit in this machine's free")):
         res = CliRunner().invoke(app, [*args, "--vllm-kv-cache-gb", gb])
         assert res.exit_code == 2, res.output
         line = res.output.strip().splitlines()[-1]

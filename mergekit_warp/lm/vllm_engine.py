@@ -20,6 +20,7 @@ trainer recomputes log π itself, and the gap between the two is the engine's of
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Sequence
 
@@ -58,9 +59,12 @@ class Engine:
         kv_cache_gb: float | None = None,
         compiled: str = "auto",
         world_size: int = 1,
+        quiet: bool = False,
     ):
         # the engine in this process: weights are pushed as tensors, which only works in-process
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if quiet:  # read when vLLM is first imported
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         try:
             from vllm import LLM
         except ImportError:
@@ -84,7 +88,17 @@ class Engine:
         )
         if self.cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
-        kv_cache_gb = kv_cache_gb if kv_cache_gb is not None or self.cuda else 1.0  # vLLM's CPU default is 4 GB
+        # the KV cache: --vllm-kv-cache-gb, else on CPU vLLM's own variable, else 1 GiB (vLLM's CPU default is 4)
+        env = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") if not self.cuda else ""
+        if kv_cache_gb is not None:
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM's CPU platform would override the size given
+            setting = f"--vllm-kv-cache-gb {kv_cache_gb:g}"
+        elif env:
+            setting = f"VLLM_CPU_KVCACHE_SPACE={env}"
+        elif not self.cuda:
+            kv_cache_gb, setting = 1.0, "--vllm-kv-cache-gb 1 (the default on CPU)"
+        else:
+            setting = f"--vllm-gpu-memory-utilization {gpu_memory_utilization:g}"
         if kv_cache_gb is not None:
             kwargs.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30))
         if world_size > 1:  # under torchrun: an engine per rank, joined as vLLM's data-parallel replicas
@@ -95,19 +109,18 @@ class Engine:
             self.llm = LLM(**kwargs)
         except Exception as e:  # vLLM raises many kinds; none should become a traceback
             why = _first_line(e)
-            setting = (
-                f"--vllm-kv-cache-gb {kv_cache_gb:g}"
-                if kv_cache_gb is not None
-                else f"--vllm-gpu-memory-utilization {gpu_memory_utilization:g}"
-            )
-            if "less than requested memory" in why:  # vLLM's CPU worker: more than the machine has free
+            free = re.search(r"Available memory on node \d+ \(([\d.]+)/", why)  # vLLM's CPU worker
+            if free or "out of memory" in why.lower():  # more than the machine (or GPU) has free
+                have = f" ({free[1]} GiB free)" if free else ""
                 raise WarpError(
-                    f"vLLM's KV cache ({setting}) does not fit in this machine's free memory; lower it"
+                    f"vLLM's KV cache ({setting}) does not fit in this machine's free memory{have}; lower it"
                 ) from None
             if "cache blocks" in why or "KV cache is needed" in why:  # too small for one request
+                need = re.search(r"\(([\d.]+) GiB KV cache is needed", why)
+                need = f" (vLLM: it needs {need[1]} GiB)" if need and float(need[1]) > 0 else ""
                 raise WarpError(
                     f"vLLM's KV cache ({setting}) cannot hold one request of {max_len} tokens (this run's longest "
-                    "prompt plus --max-new-tokens); raise it, or lower --max-new-tokens or --max-prompt-length"
+                    f"prompt plus --max-new-tokens){need}; raise it, or lower --max-new-tokens or --max-prompt-length"
                 ) from None
             raise WarpError(f"vLLM cannot run the model {folder}: {why}; use --rollout builtin") from None
 

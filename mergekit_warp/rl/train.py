@@ -432,6 +432,7 @@ def setup(cfg: RLConfig, par: Parallel, work: Path, resuming: bool) -> Run:
             compiled=cfg.vllm_compile,
             sleep=cfg.vllm_sleep,
             world_size=par.world_size,
+            quiet=not cfg.progress,
         )
     if resuming:
         if lora is not None and st.read_config(work).get("base_sample", run.base_sample) != run.base_sample:
