@@ -4,7 +4,7 @@ The engine is created once from the init's folder, in this process (no server; v
 `VLLM_ENABLE_V1_MULTIPROCESSING=0`; under torchrun one engine per rank, in vLLM's "external launcher"
 data-parallel mode, each sampling its rank's share of the batch), and after every optimiser step the
 policy's new weights are loaded into it in place (`reload_weights` on its worker, tensors passed
-directly). Its context is the run's longest prompt plus `max_new_tokens`, its KV cache 1 GB on CPU unless
+directly). Its context is the run's longest prompt plus `max_new_tokens`, its KV cache 1 GiB on CPU unless
 told; its model runs eagerly on CPU and compiled (torch.compile, CUDA graphs) on GPUs unless told. It
 samples at the run's temperature, top-p, top-k, `max_new_tokens` and stop strings; completion i of a step
 is drawn with its own seed (seed, step, i), so a completion does not depend on how the batch is split. Its
