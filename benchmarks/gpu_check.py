@@ -14,7 +14,9 @@ whose number is even), then runs, each as its own `warp` subprocess:
   4. `warp merge slerp` (WARP, block angles), `ties`, `model_stock` and `warp liti` with --device cuda
      and --device cpu on the RL outputs: wall time each, max |cuda − cpu| over all tensors;
   5. `warp eval score` on cuda;
-  6. `warp pipeline run` on cuda (1 iteration, 2 runs of 3 steps, a 3-point LITI sweep).
+  6. `warp pipeline run` on cuda (1 iteration, 2 runs of 3 steps, a 3-point LITI sweep);
+  7. where vLLM is installed, `warp rl --rollout vllm` as in 1 (bf16; the engine compiled, with CUDA graphs):
+     s/step against the built-in sampler's, the weight push per step, vLLM's log-prob gap to the trainer's.
 Each check reports ok/FAILED with its figures and goes on; everything is also written to OUT/gpu_check.json.
 """
 
@@ -63,7 +65,7 @@ def build(work: Path, quick: bool) -> tuple[Path, int]:
         "{% if add_generation_prompt %}assistant : {% endif %}"
     )
     shape = (
-        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
         if quick
         else dict(
             hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
@@ -306,6 +308,26 @@ def main() -> int:
     )
     if ok:
         c.record("pipeline run", wall_s=dt, summary=tail)
+
+    # 7. vLLM rollouts, where vLLM is installed (on CPU, for the dry run: fp32, heads of 32 for its attention)
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        c.record("rl --rollout vllm", skipped="vLLM is not installed: pip install 'mergekit-warp[vllm]'")
+    else:
+        dtype = "bf16" if dev.startswith("cuda") else "fp32"
+        out = work / "rl_vllm"
+        argv = ["rl", *common, *batch, "--dtype", dtype, "--steps", "6", "--rollout", "vllm", "-o", str(out)]
+        ok, dt, tail = c.run("rl --rollout vllm", argv, 900)
+        if ok:
+            m = metrics_of(out)[1:] or metrics_of(out)
+            gaps = [r["vllm_logprob_gap"] for r in m if r.get("vllm_logprob_gap") is not None]
+            push = statistics.median(r["vllm_push_time"] for r in m)
+            gap = statistics.median(gaps) if gaps else None
+            c.record("rl --rollout vllm", wall_s=dt, dtype=dtype, **rl_figures(out), push_s=push, logprob_gap=gap)
+            if f"rl {dtype}" in c.results and "s_per_step" in c.results[f"rl {dtype}"]:
+                builtin = c.results[f"rl {dtype}"]["s_per_step"]
+                c.record("rl vllm vs builtin", speedup=builtin / c.results["rl --rollout vllm"]["s_per_step"])
     failed = [k for k, v in c.results.items() if not v.get("ok", True)]
     print(f"\n{len(c.results) - len(failed)} checks ok, {len(failed)} failed: {failed}", flush=True)
     return 1 if failed else 0
